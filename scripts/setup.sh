@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create .venv with everything the study needs, then run the main job on the embedded offline
+# default. SETUP_ONLY=1 skips the job (CI uses that). TORCH_SPEC overrides the torch pin elsewhere.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+# torch and torchvision must be installed together at matching versions (these lie on this
+# machine's disk; pyproject.toml keeps looser ranges for users elsewhere)
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+# shellcheck disable=SC2086
+.venv/bin/python -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, torchvision, mlflow, optuna, pandas, seaborn, click, skimage" \
+  || { echo "setup: the environment is incomplete (see pip's messages above)" >&2; exit 1; }
+echo "setup: .venv ready" >&2
+
+if [ "${SETUP_ONLY:-0}" != "1" ]; then
+  exec .venv/bin/python run_study.py summary
+fi

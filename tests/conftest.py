@@ -1,0 +1,53 @@
+"""Shared test helpers: float64 Jacobians and tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from study.config import Stabilizers
+
+SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-slices"
+
+
+def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
+    """log|det J| of fn at one example x (1, ...), by autograd in the dtype of x."""
+    shape = x.shape
+
+    def flat(v):
+        out = fn(v.reshape(shape))
+        return out.reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(flat, x.reshape(-1))
+    sign, logabsdet = torch.linalg.slogdet(jac)
+    assert sign != 0
+    return logabsdet
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:
+    """Give every parameter and batch-norm statistic a random, non-trivial value (zero-init couplings
+    are the identity, which would make Jacobian tests vacuous)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+        for name, buf in module.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen, dtype=buf.dtype) * 0.2)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen, dtype=buf.dtype) + 0.5)
+    return module
+
+
+SCALE_FNS = ["exp", "tanh", "softplus"]
+
+
+@pytest.fixture(params=SCALE_FNS)
+def scale_fn(request):
+    return request.param
+
+
+def stab(**kw) -> Stabilizers:
+    return Stabilizers(**kw)

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_summary_describes_the_demo_model():
+    result = CliRunner().invoke(run_study.cli, ["summary", "--preset", "demo"])
+    assert result.exit_code == 0, result.output
+    assert "patches: 1951 32x32 patches" in result.stdout
+    assert "GFLOP per image" in result.stdout and "scale_fn=tanh" in result.stdout
+
+
+def test_bad_input_is_one_line_and_exit_2():
+    cases = [
+        (["summary", "--set", "model.width=3"], "unknown config key 'model.width'"),
+        (["summary", "--preset", "huge"], "unknown preset 'huge'"),
+        (["summary", "--data", "npz:/nonexistent"], "is not a folder"),
+        (["summary", "--set", "model.num_scales=6"], "image_size 32 must be divisible"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(run_study.cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = "import sys, run_study; run_study.cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False")
