@@ -56,5 +56,124 @@ def summary(preset, data, overrides):
         _fail(str(e))
 
 
+TRACKING = click.option(
+    "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
+)
+EXPERIMENT = click.option("--experiment", default="realnvp", show_default=True, help="MLflow experiment name")
+
+
+@cli.command()
+@PRESET
+@DATA
+@click.option("--seed", type=int, default=None, help="run seed (train.seed)")
+@click.option("--epochs", type=int, default=None, help="number of epochs (train.epochs)")
+@SET
+@EXPERIMENT
+@TRACKING
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--variant", default="default", show_default=True, help="name recorded with the run")
+@click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+@click.option("--resume", "resume_run_id", default=None, help="continue this MLflow run from its last checkpoint")
+@click.option("--fresh", is_flag=True, help="start a new run even if one with the same identity exists")
+def train(
+    preset,
+    data,
+    seed,
+    epochs,
+    overrides,
+    experiment,
+    tracking_uri,
+    device,
+    variant,
+    checkpoint_dir,
+    resume_run_id,
+    fresh,
+):
+    """Train one Real NVP run, logged to MLflow; re-running the same command resumes it."""
+    extra = tuple(overrides)
+    if seed is not None:
+        extra += (f"train.seed={seed}",)
+    if epochs is not None:
+        extra += (f"train.epochs={epochs}",)
+    cfg = _config(preset, data, extra)
+    from pathlib import Path
+
+    from study.data import DataError
+    from study.training import RunSpec
+    from study.training import train as train_run
+
+    spec = RunSpec(
+        cfg=cfg,
+        preset=preset,
+        variant=variant,
+        experiment=experiment,
+        tracking_uri=tracking_uri,
+        device=device,
+        checkpoint_root=Path(checkpoint_dir),
+        fresh=fresh,
+        echo=click.echo,
+    )
+    try:
+        train_run(spec, resume_run_id=resume_run_id)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+
+
+@cli.command()
+@TRACKING
+@click.option("--port", type=int, default=5000, show_default=True)
+def ui(tracking_uri, port):
+    """Serve the MLflow UI for the study's store on 127.0.0.1 (Ctrl-C stops it)."""
+    from study.tracking import serve_ui
+
+    try:
+        serve_ui(tracking_uri, port, echo=click.echo)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@cli.command()
+@click.option("--run", "run_id", required=True, help="MLflow run id whose checkpoint to sample from")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("-n", "--num", type=int, default=64, show_default=True, help="number of samples")
+@click.option("--out", default=None, type=click.Path(), help="PNG to write (default: samples-RUN-tT.png)")
+@TRACKING
+def sample(run_id, temperature, num, out, tracking_uri):
+    """Write a grid of samples from a run's last checkpoint."""
+    from study.tracking import sample_from_run
+
+    try:
+        path = sample_from_run(run_id, tracking_uri, temperature, num, out)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--size", type=click.Choice(["paper", "small", "demo"]), default="demo", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(["off", "fp16", "bf16"]), default="off", show_default=True)
+@click.option("--channels-last", is_flag=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile log_prob (a cold compile takes ~1 min)")
+@click.option("--batch", type=int, default=16, show_default=True)
+@click.option("--steps", type=int, default=5, show_default=True, help="timed steps after 2 warm-up steps")
+@click.option("--matrix", is_flag=True, help="run the useful amp x channels_last combinations in one table")
+def bench(size, device, amp, channels_last, compile_, batch, steps, matrix):
+    """Time the training step and the evaluation pass; print images/s, GFLOP/s and peak memory."""
+    import pandas as pd
+
+    from study import bench as b
+
+    try:
+        if matrix:
+            results = b.matrix(size, device, batch, steps, compile_)
+        else:
+            results = [b.bench(size, device, amp, channels_last, compile_, batch, steps)]
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    click.echo(f"{size} size: {results[0].params_m:.2f} M parameters")
+    click.echo(pd.DataFrame([r.row() for r in results]).to_string(index=False))
+
+
 if __name__ == "__main__":
     cli()

@@ -21,5 +21,5 @@ fi
 echo "setup: .venv ready" >&2
 
 if [ "${SETUP_ONLY:-0}" != "1" ]; then
-  exec .venv/bin/python run_study.py summary
+  exec .venv/bin/python run_study.py train --preset demo
 fi

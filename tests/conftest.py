@@ -51,3 +51,47 @@ def scale_fn(request):
 
 def stab(**kw) -> Stabilizers:
     return Stabilizers(**kw)
+
+
+# --- MLflow stores --------------------------------------------------------------------------------
+# Creating a SQLite MLflow store takes seconds; one template per session is copied for each test.
+
+
+@pytest.fixture(scope="session")
+def _store_template(tmp_path_factory):
+    import mlflow
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, _store_template):
+    """A fresh SQLite tracking URI in tmp_path (mlflow.db), from the session's template."""
+    import shutil
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(_store_template, db)
+    return f"sqlite:///{db}"
+
+
+TINY_RUN = {
+    "data.source": "patches",
+    "data.train_limit": 96,
+    "data.val_fraction": 0.05,
+    "model.num_scales": 2,
+    "model.mid_channels": 4,
+    "model.num_blocks": 1,
+    "train.epochs": 3,
+    "train.batch_size": 32,
+    "train.eval_batch_size": 100,
+    "train.sample_every": 2,
+    "train.threads": 1,
+}
+
+
+def tiny_overrides(**extra) -> list[str]:
+    """TINY_RUN (plus extra) as --set arguments."""
+    values = {**TINY_RUN, **extra}
+    return [x for k, v in values.items() for x in ("--set", f"{k}={v}")]

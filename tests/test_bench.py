@@ -1,0 +1,38 @@
+import math
+
+from click.testing import CliRunner
+
+import run_study
+from study.bench import bench
+
+
+def test_bench_demo_reports_finite_numbers():
+    r = bench("demo", "cpu", "off", False, batch=4, steps=2, warmup=1)
+    for value in (r.train_ips, r.train_ips_lo, r.train_ips_hi, r.eval_ips, r.train_gflops, r.peak_memory_mb):
+        assert math.isfinite(value) and value > 0
+    assert r.train_ips_lo <= r.train_ips <= r.train_ips_hi
+    assert 0.05 < r.params_m < 0.07
+
+
+def test_bench_cli_prints_a_table_and_rejects_fp16_on_cpu():
+    out = CliRunner().invoke(
+        run_study.cli,
+        [
+            "bench",
+            "--size",
+            "demo",
+            "--device",
+            "cpu",
+            "--amp",
+            "bf16",
+            "--channels-last",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "train img/s" in out.stdout and "bf16" in out.stdout
+    bad = CliRunner().invoke(run_study.cli, ["bench", "--device", "cpu", "--amp", "fp16"])
+    assert bad.exit_code == 2 and "needs CUDA" in bad.stderr

@@ -1,0 +1,291 @@
+"""One training run end to end against real temporary MLflow stores."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from study import checkpoint
+from study.config import Config, apply_values, flatten
+from study.training import CRASH_ENV, POISON_ENV, RunSpec, lr_at, train
+from tests.conftest import TINY_RUN, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+PER_EPOCH = [
+    "train_bpd",
+    "val_bpd",
+    "lr",
+    "grad_norm_mean",
+    "grad_norm_max",
+    "clip_fraction",
+    "nonfinite_events",
+    "skipped_steps",
+    "images_per_s",
+    "epoch_seconds",
+    "peak_memory_mb",
+    "logging_seconds",
+]
+
+
+def tiny_cfg(**extra) -> Config:
+    return apply_values(Config(), {**TINY_RUN, **extra})
+
+
+def spec(store, tmp_path, experiment="t", **extra) -> RunSpec:
+    return RunSpec(
+        cfg=tiny_cfg(**extra),
+        preset="tiny",
+        experiment=experiment,
+        tracking_uri=store,
+        device="cpu",
+        checkpoint_root=tmp_path / "ckpt",
+        echo=lambda s: None,
+        progress=False,
+    )
+
+
+def history(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_lr_schedule_warms_up_linearly():
+    assert [lr_at(s, 1.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_at(0, 1e-3, 0) == 1e-3 and lr_at(10, 1e-3, 0, factor=0.5) == 5e-4
+
+
+def test_demo_run_is_fully_tracked(store, tmp_path):
+    result = train(spec(store, tmp_path))
+    assert result.outcome == "completed" and result.epochs == 3
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.mid_channels"] == "4" and params["stabilizers.scale_fn"] == "tanh"
+    assert len(params) == len(flatten(tiny_cfg()))
+    tags = run.data.tags
+    for tag in ("preset", "variant", "seed", "git_commit", "device", "torch_version", "threads", "outcome"):
+        assert tag in tags, tag
+    assert tags["outcome"] == "completed" and tags["threads"] == "1" and tags["device"] == "cpu"
+    for key in PER_EPOCH:
+        points = history(client, result.run_id, key)
+        assert [s for s, _ in points] == [1, 2, 3], key
+        assert all(math.isfinite(v) for _, v in points), key
+    val = [v for _, v in history(client, result.run_id, "val_bpd")]
+    assert 3 < val[-1] < 8.5 and val[-1] < val[0]  # it learns
+    assert math.isfinite(run.data.metrics["test_bpd"]) and result.test_bpd == run.data.metrics["test_bpd"]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"checkpoint", "samples"} <= artifacts
+    samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
+    assert samples == {f"samples/epoch_{e:03d}_t{t}.png" for e in (2, 3) for t in ("1.0", "0.7")}
+    ckpt = torch.load(
+        mlflow.artifacts.download_artifacts(
+            run_id=result.run_id, artifact_path="checkpoint/last.pt", tracking_uri=store
+        ),
+        weights_only=True,
+    )
+    assert ckpt["epoch"] == 3 and ckpt["mlflow_run_id"] == result.run_id and len(ckpt["history"]) == 3
+
+
+def test_same_identity_is_not_run_twice(store, tmp_path):
+    first = train(spec(store, tmp_path, **{"train.epochs": 1}))
+    again = train(spec(store, tmp_path, **{"train.epochs": 1}))
+    assert again.already_done and again.run_id == first.run_id
+    other_seed = train(spec(store, tmp_path, **{"train.epochs": 1, "train.seed": 1}))
+    assert other_seed.run_id != first.run_id
+
+
+def _cli(store, tmp_path, *extra, env=None):
+    cmd = [
+        sys.executable,
+        str(ROOT / "run_study.py"),
+        "train",
+        "--preset",
+        "demo",
+        "--tracking-uri",
+        store,
+        "--experiment",
+        "kill",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--device",
+        "cpu",
+        *tiny_overrides(**{"train.epochs": 4}),
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
+    proc = _cli(store, tmp_path)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/4"):
+            proc.send_signal(signal.SIGKILL)  # mid-way through epoch 3
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    assert run.info.status == "RUNNING"  # what a killed process leaves
+
+    resumed = _cli(store, tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming run" in out and "after epoch 2" in out
+    (run2,) = client.search_runs([run.info.experiment_id])
+    assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
+    val = history(client, run.info.run_id, "val_bpd")
+    assert [s for s, _ in val] == [1, 2, 3, 4]
+
+    # the same seed without interruption, in-process with the same thread count: identical curve
+    reference = train(
+        RunSpec(
+            cfg=apply_values(Config(), {**TINY_RUN, "train.epochs": 4}),
+            preset="demo",
+            experiment="ref",
+            tracking_uri=store,
+            device="cpu",
+            checkpoint_root=tmp_path / "ref",
+            echo=lambda s: None,
+            progress=False,
+        )
+    )
+    ref_val = history(client, reference.run_id, "val_bpd")
+    assert val == ref_val
+    assert history(client, run.info.run_id, "train_bpd") == history(client, reference.run_id, "train_bpd")
+    assert client.get_run(run.info.run_id).data.metrics["test_bpd"] == reference.test_bpd
+
+
+def test_crash_between_checkpoint_and_logging_is_repaired(store, tmp_path):
+    proc = _cli(store, tmp_path, env={CRASH_ENV: "2"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == 137
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1]  # epoch 2 never logged
+    resumed = _cli(store, tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
+
+
+def test_nan_restore_recovers_and_completes(store, tmp_path, monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "4")  # step 4 is in epoch 2 (3 steps per epoch)
+    result = train(spec(store, tmp_path, **{"stabilizers.nan_policy": "restore", "stabilizers.nan_lr_factor": 0.5}))
+    assert result.outcome == "recovered" and result.epochs == 3
+    assert result.events == [{"epoch": 2, "step": 4, "cause": "non-finite loss", "amp": "off", "action": "restore"}]
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.data.tags["outcome"] == "recovered" and run.data.tags["first_nonfinite_epoch"] == "2"
+    assert [s for s, _ in history(client, result.run_id, "val_bpd")] == [1, 2, 3]
+    lrs = history(client, result.run_id, "lr")
+    assert lrs[0][1] == 1e-3 and lrs[1][1] == 5e-4  # lowered after the restore
+    assert "events" in {a.path for a in client.list_artifacts(result.run_id)}
+    assert math.isfinite(result.test_bpd)
+
+
+def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path, monkeypatch):
+    monkeypatch.setenv(POISON_ENV, "4")
+    result = train(spec(store, tmp_path, **{"stabilizers.nan_policy": "stop"}))
+    assert result.outcome == "diverged" and result.test_bpd is None and result.epochs == 1
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "diverged"
+    assert run.data.tags["divergence_causes"] == "epoch 2: non-finite loss"
+    assert [s for s, _ in history(client, result.run_id, "val_bpd")] == [1]
+    assert "test_bpd" not in run.data.metrics
+
+
+def test_diverged_cli_run_exits_zero_and_says_so(store, tmp_path):
+    proc = _cli(store, tmp_path, env={POISON_ENV: "1"})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "non-finite loss at step 1" in out and ": diverged at epoch 1" in out
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
+    checkpoint.save(tmp_path, {"epoch": 1, "w": torch.ones(3)})
+    checkpoint.save(tmp_path, {"epoch": 2, "w": torch.ones(3) * 2})
+    assert checkpoint.load(tmp_path)[0]["epoch"] == 2
+    last = tmp_path / checkpoint.LAST
+    last.write_bytes(last.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="unreadable"):
+        state, path = checkpoint.load(tmp_path)
+    assert state["epoch"] == 1 and path.name == checkpoint.PREV
+    assert checkpoint.load(tmp_path / "none") is None
+
+
+def test_resume_after_truncated_checkpoint_logs_each_epoch_once(store, tmp_path):
+    proc = _cli(store, tmp_path)
+    for line in proc.stdout:
+        if line.startswith("epoch 3/4"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    last = Path(run.data.tags["checkpoint_dir"]) / checkpoint.LAST
+    last.write_bytes(last.read_bytes()[:100])
+    resumed = _cli(store, tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "unreadable" in err and "after epoch 2" in out  # fell back to prev.pt
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "model.depth=3"], "unknown config key 'model.depth'"),
+        (["--set", "train.epochs=many"], "expected an integer"),
+        (["--preset", "imagenet"], "unknown preset 'imagenet'"),
+        (["--data", "npz:missing-folder"], "is not a folder"),
+        (["--set", "stabilizers.amp=fp16", "--device", "cpu"], "needs CUDA"),
+    ],
+)
+def test_bad_input_exits_2_and_creates_no_run(tmp_path, args, message):
+    db = tmp_path / "fresh.db"
+    cmd = [sys.executable, str(ROOT / "run_study.py"), "train", "--tracking-uri", f"sqlite:///{db}", *args]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert message in out.stderr and out.stderr.strip().count("\n") == 0
+    assert not db.exists() and not (tmp_path / "mlflow.db").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_sample_command_writes_a_grid(store, tmp_path):
+    from click.testing import CliRunner
+
+    import run_study
+
+    result = train(spec(store, tmp_path, **{"train.epochs": 1}))
+    out = tmp_path / "grid.png"
+    cli = CliRunner().invoke(
+        run_study.cli,
+        [
+            "sample",
+            "--run",
+            result.run_id,
+            "--tracking-uri",
+            store,
+            "--temperature",
+            "0.7",
+            "-n",
+            "16",
+            "--out",
+            str(out),
+        ],
+    )
+    assert cli.exit_code == 0, cli.output
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (4 * 34 + 2, 4 * 34 + 2)
+    bad = CliRunner().invoke(run_study.cli, ["sample", "--run", "nope", "--tracking-uri", store])
+    assert bad.exit_code == 2 and "no run 'nope'" in bad.stderr
