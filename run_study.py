@@ -60,6 +60,7 @@ TRACKING = click.option(
     "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
 )
 EXPERIMENT = click.option("--experiment", default="realnvp", show_default=True, help="MLflow experiment name")
+EXPERIMENT_OPT = click.option("--experiment", default=None, help="MLflow experiment (default: STUDY-PRESET)")
 
 
 @cli.command()
@@ -117,6 +118,96 @@ def train(
         train_run(spec, resume_run_id=resume_run_id)
     except (ConfigError, DataError) as e:
         _fail(str(e))
+
+
+@cli.command()
+@click.argument("study_name", required=False)
+@click.option("--list", "list_", is_flag=True, help="list the studies and exit")
+@click.option("--dry-run", is_flag=True, help="print the plan (variant x seed) and touch nothing")
+@PRESET
+@DATA
+@click.option("--seeds", type=int, default=3, show_default=True, help="seeds 0..N-1")
+@click.option("--seed-list", default=None, help="explicit comma-separated seeds, e.g. 0,1,2")
+@click.option("--only", multiple=True, metavar="VARIANT", help="run only these variants (repeatable)")
+@click.option("--epochs", type=int, default=None, help="epochs per cell (train.epochs)")
+@SET
+@click.option("--workers", type=int, default=1, show_default=True, help="local worker processes")
+@click.option("--storage", default=None, help="Optuna storage (default: sqlite:///optuna.db here)")
+@EXPERIMENT_OPT
+@TRACKING
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+@click.option(
+    "--grace", type=int, default=30, show_default=True, help="seconds without heartbeat before a cell is retried"
+)
+def ablation(
+    study_name,
+    list_,
+    dry_run,
+    preset,
+    data,
+    seeds,
+    seed_list,
+    only,
+    epochs,
+    overrides,
+    workers,
+    storage,
+    experiment,
+    tracking_uri,
+    device,
+    checkpoint_dir,
+    grace,
+):
+    """Run an ablation study: every (variant, seed) cell, resumable, over workers (Optuna + MLflow)."""
+    from experiments.ablation import STUDIES, STUDY_DESCRIPTIONS
+
+    if list_ or not study_name:
+        for name, variants in STUDIES.items():
+            click.echo(f"{name}: {len(variants)} variants; {STUDY_DESCRIPTIONS[name]}")
+            for v in variants:
+                click.echo(f"  {v.name:<20} {v.rationale}")
+        return
+    from pathlib import Path
+
+    from study import ablation as ab
+
+    extra = tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ())
+    base = _config(preset, data, extra)
+    try:
+        if seed_list:
+            seed_values = tuple(int(x) for x in seed_list.split(",") if x.strip())
+        else:
+            seed_values = tuple(range(seeds)) if seeds >= 1 else ()
+    except ValueError:
+        _fail(f"--seed-list {seed_list!r}: write comma-separated integers, e.g. 0,1,2")
+    if workers < 1:
+        _fail("--workers must be >= 1")
+    try:
+        plan = ab.make_plan(
+            study_name,
+            preset,
+            base,
+            seed_values,
+            only,
+            device,
+            experiment=experiment,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            checkpoint_root=Path(checkpoint_dir),
+            grace=grace,
+            heartbeat=max(1, grace // 3),
+        )
+    except ConfigError as e:
+        _fail(str(e))
+    click.echo(ab.describe(plan))
+    if dry_run:
+        return
+    try:
+        ab.run(plan, workers=workers, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to continue where it stopped", err=True)
+        sys.exit(130)
 
 
 @cli.command()
