@@ -187,10 +187,16 @@ def _load_study(plan: Plan):
 
 
 def cell_states(study) -> dict[tuple[str, int], str]:
-    """Per cell the best state among its trials: COMPLETE > RUNNING > WAITING > FAIL > missing."""
+    """Per cell the best state among its trials: COMPLETE > RUNNING > WAITING > FAIL/PRUNED > missing."""
     from optuna.trial import TrialState
 
-    rank = {TrialState.COMPLETE: 4, TrialState.RUNNING: 3, TrialState.WAITING: 2, TrialState.FAIL: 1}
+    rank = {
+        TrialState.COMPLETE: 4,
+        TrialState.RUNNING: 3,
+        TrialState.WAITING: 2,
+        TrialState.FAIL: 1,
+        TrialState.PRUNED: 1,  # a duplicate that stood aside; the GridSampler counts it as visited
+    }
     best: dict[tuple[str, int], TrialState] = {}
     for t in study.get_trials(deepcopy=False):
         params = t.params or t.system_attrs.get("fixed_params") or {}
@@ -203,15 +209,16 @@ def cell_states(study) -> dict[tuple[str, int], str]:
 
 
 def requeue(plan: Plan, study) -> int:
-    """Fail stale trials (their retry callback re-queues them), then enqueue every cell that has no
-    finished, running or waiting trial: failed cells and cells a crash lost. Returns the count."""
+    """Fail stale trials (their retry callback re-queues them), then enqueue every cell whose trials
+    all failed (a crash inside training, Ctrl-C). Cells never started are left to the GridSampler.
+    Called by the coordinator only, never by each worker, so a cell is enqueued once."""
     import optuna
 
     optuna.storages.fail_stale_trials(study)
     states = cell_states(study)
     queued = 0
     for variant, seed in plan.cells:
-        if states.get((variant, seed)) in (None, "FAIL"):
+        if states.get((variant, seed)) in ("FAIL", "PRUNED"):
             study.enqueue_trial({"variant": variant, "seed": seed})
             queued += 1
     return queued
@@ -254,6 +261,9 @@ def work(
     def objective(trial: optuna.Trial) -> float:
         variant = by_name[trial.suggest_categorical("variant", [v.name for v in plan.variants])]
         seed = trial.suggest_categorical("seed", list(plan.seeds))
+        if _held_elsewhere(study, trial, variant.name, seed):
+            # a race handed this cell to two workers: the other one has it; this trial is dropped
+            raise optuna.TrialPruned(f"cell {variant.name} seed {seed} is running in another trial")
         cfg = plan.cell_config(variant, seed)
         if threads:
             cfg = apply_values(cfg, {"train.threads": threads})
@@ -278,12 +288,22 @@ def work(
         if all(states.get(c) in ("COMPLETE", "RUNNING") for c in plan.cells):
             study.stop()
 
-    requeue(plan, study)
     states = cell_states(study)
     if all(states.get(c) in ("COMPLETE", "RUNNING") for c in plan.cells):
         return 0
     study.optimize(objective, callbacks=[stop_when_grid_is_taken], catch=())
     return done
+
+
+def _held_elsewhere(study, trial, variant: str, seed: int) -> bool:
+    """True when another live trial already holds this cell, or a finished one completed it."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+        if t.number != trial.number and t.params.get("variant") == variant and t.params.get("seed") == seed:
+            if t.state == TrialState.COMPLETE or t.number < trial.number:
+                return True
+    return False
 
 
 def _worker_main(plan: Plan, parent_run_id: str, worker: int, threads: int) -> None:
@@ -334,6 +354,7 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
     last = None
     try:
         while True:
+            requeue(plan, _load_study(plan))
             if workers == 1:
                 work(plan, parent, 0, echo, progress=True)
             else:

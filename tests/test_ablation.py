@@ -1,0 +1,208 @@
+"""The ablation study end to end on real temporary Optuna and MLflow SQLite stores."""
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+
+import run_study
+from experiments.ablation import STABILIZERS, get_study
+from experiments.presets import preset_config
+from study import ablation as ab
+from study.config import ConfigError, apply_values
+from tests.conftest import TINY_RUN, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+ONLY = ("seed-report", "no-gradclip", "paper")
+
+
+def _children(store, experiment):
+    client = mlflow.MlflowClient(store)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "study-parent"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def _plan(tmp_path, store, **kw):
+    base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64})
+    return ab.make_plan(
+        "stabilizers",
+        "demo",
+        base,
+        kw.pop("seeds", (0, 1)),
+        kw.pop("only", ONLY),
+        "cpu",
+        experiment="abl",
+        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        tracking_uri=store,
+        checkpoint_root=tmp_path / "ckpt",
+        **kw,
+    )
+
+
+def test_variants_are_declared_once_with_rationales():
+    names = [v.name for v in STABILIZERS]
+    assert len(names) == len(set(names))
+    for required in (
+        "seed-report",
+        "no-softplus",
+        "no-clamp",
+        "no-gradclip",
+        "no-weightnorm",
+        "no-l2",
+        "amp-off",
+        "paper",
+        "paper-literal-exp",
+        "chrischute",
+    ):
+        assert required in names
+    base = preset_config("demo")
+    for v in STABILIZERS:
+        assert v.rationale and apply_values(base, v.overrides)  # every variant is a valid config
+    by = {v.name: v.overrides for v in STABILIZERS}
+    # each leave-one-out differs from seed-report in exactly one switch
+    for name in ("no-softplus", "no-clamp", "no-gradclip", "no-weightnorm", "no-l2", "amp-off"):
+        diff = {k for k in by[name] if by[name][k] != by["seed-report"][k]}
+        assert len(diff) == 1, (name, diff)
+    with pytest.raises(KeyError):
+        get_study("nope")
+
+
+def test_demo_study_runs_every_cell_once_under_one_parent(store, tmp_path):
+    plan = _plan(tmp_path, store)
+    lines = []
+    rows = ab.run(plan, workers=1, echo=lines.append)
+    parents, children = _children(store, "abl")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    cells = collections.Counter((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children)
+    assert cells == collections.Counter({(v, s): 1 for v in ONLY for s in (0, 1)})
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert r.data.tags["outcome"] in ("completed", "recovered", "diverged")
+        assert r.data.tags["study"] == "stabilizers"
+    assert {r["variant"] for r in rows} == set(ONLY) and all(r["done"] == 2 for r in rows)
+    assert any(line.startswith("cells done 6, running 0, left 0") for line in lines)
+    study = optuna.load_study(study_name=plan.optuna_name, storage=plan.storage)
+    assert all(state == "COMPLETE" for state in ab.cell_states(study).values())
+    # running it again trains nothing
+    again = []
+    ab.run(_plan(tmp_path, store), workers=1, echo=again.append)
+    assert not any("training" in line for line in again)
+    assert len(_children(store, "abl")[1]) == 6
+
+
+def _cli(tmp_path, store, workers=1, grace=3):
+    cmd = [
+        sys.executable,
+        str(ROOT / "run_study.py"),
+        "ablation",
+        "stabilizers",
+        "--preset",
+        "demo",
+        "--seeds",
+        "2",
+        "--epochs",
+        "2",
+        "--tracking-uri",
+        store,
+        "--storage",
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        "--checkpoint-dir",
+        str(tmp_path / "ckpt"),
+        "--device",
+        "cpu",
+        "--experiment",
+        "abl",
+        "--workers",
+        str(workers),
+        "--grace",
+        str(grace),
+        *[x for v in ONLY for x in ("--only", v)],
+        *tiny_overrides(**{"data.train_limit": 64, "train.epochs": 2}),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+
+
+def _check_grid(store, tmp_path):
+    parents, children = _children(store, "abl")
+    cells = collections.Counter((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children)
+    assert cells == collections.Counter({(v, s): 1 for v in ONLY for s in (0, 1)}), cells
+    assert len(parents) == 1
+    assert all(r.info.status == "FINISHED" and "outcome" in r.data.tags for r in children)
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    return children
+
+
+def test_killed_study_resumes_without_running_a_cell_twice(store, tmp_path):
+    proc = _cli(tmp_path, store)
+    two_done = False
+    for line in proc.stdout:
+        two_done = two_done or line.startswith("cells done 2")
+        if two_done and "epoch 1/2" in line:  # the third cell is half trained: kill the whole study
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = _cli(tmp_path, store)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming run" in out and "after epoch 1" in out  # the interrupted cell continued
+    assert "cells done 6, running 0, left 0" in out
+    children = _check_grid(store, tmp_path)
+    client = mlflow.MlflowClient(store)
+    for r in children:  # every epoch logged exactly once, including the cell that was interrupted
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_bpd")) == [1, 2]
+
+
+def test_two_workers_share_one_storage_without_duplicates(store, tmp_path):
+    proc = _cli(tmp_path, store, workers=2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "[worker 0]" in out and "[worker 1]" in out
+    _check_grid(store, tmp_path)
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(run_study.cli, ["ablation", "stabilizers", "--dry-run", "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "11 variants x 2 seeds = 22 cells" in result.stdout
+    assert "no-gradclip" in result.stdout and "grad_clip=0.0" in result.stdout
+    assert "seed-report-fp16     skipped here: needs CUDA" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+    listing = CliRunner().invoke(run_study.cli, ["ablation", "--list"])
+    assert "stabilizers: 12 variants" in listing.stdout and "paper-literal-exp" in listing.stdout
+
+
+def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for args, message in [
+        (["ablation", "stabilizers", "--only", "no-such"], "--only 'no-such'"),
+        (["ablation", "nope", "--dry-run"], "unknown study 'nope'"),
+        (["ablation", "stabilizers", "--seed-list", "1,x"], "comma-separated integers"),
+        (["ablation", "stabilizers", "--seeds", "0"], "no seeds"),
+        (["ablation", "stabilizers", "--only", "seed-report-fp16", "--device", "cpu"], "needs CUDA"),
+    ]:
+        result = CliRunner().invoke(run_study.cli, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ConfigError):
+        ab.make_plan("stabilizers", "demo", preset_config("demo"), (0, 0))
