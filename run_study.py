@@ -211,6 +211,36 @@ def ablation(
 
 
 @cli.command()
+@click.option("--experiment", default="stabilizers-cifar-cpu", show_default=True, help="the study's MLflow experiment")
+@TRACKING
+@click.option("--out", default="report", show_default=True, type=click.Path(), help="folder for README.md and figures/")
+@click.option(
+    "--window", type=int, default=40, show_default=True, help="last-N-epoch window of the validation statistic"
+)
+@click.option("--data", default=None, help="where the audit finds the runs' data, if not where they were trained")
+@click.option("--audit/--no-audit", default=True, show_default=True, help="run the accounting audit")
+def report(experiment, tracking_uri, out, window, data, audit):
+    """Regenerate the report (tables, figures, audit) from a study's MLflow runs."""
+    from pathlib import Path
+
+    from analysis.collect import NoRunsError
+    from analysis.report import generate_report
+    from study.data import DataError, parse_data_spec
+
+    if window < 1:
+        _fail("--window must be >= 1")
+    try:
+        override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
+        args = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("run_study.py") else "report"
+        path = generate_report(
+            tracking_uri, experiment, Path(out), window, override, audit, command=f"python run_study.py {args}"
+        )
+    except (NoRunsError, DataError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
 @TRACKING
 @click.option("--port", type=int, default=5000, show_default=True)
 def ui(tracking_uri, port):

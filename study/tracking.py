@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
+# no "View run ..." lines and no artifact progress bars in the study's output
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_EXPERIMENT = "realnvp"
 
 
@@ -37,7 +40,6 @@ def setup(uri: str | None, experiment: str) -> tuple[str, str]:
     Creating a SQLite store takes seconds and concurrent creation races, so callers that start
     several workers call this once first.
     """
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
     uri = resolve_tracking_uri(uri)

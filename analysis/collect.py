@@ -1,0 +1,110 @@
+"""MLflow -> tidy pandas frames: one row per run, one row per run x epoch."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+HISTORY_METRICS = (
+    "train_bpd", "val_bpd", "lr", "grad_norm_mean", "grad_norm_median", "grad_norm_max", "clip_fraction",
+    "nonfinite_events", "skipped_steps", "grad_scale", "images_per_s", "epoch_seconds",
+)  # fmt: skip
+
+
+class NoRunsError(ValueError):
+    """The experiment holds no finished study runs; the message says which command makes them."""
+
+
+def _param_value(text: str):
+    """MLflow params are strings: back to bool, int or float where they are one."""
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _client(tracking_uri: str | None):
+    import mlflow
+
+    from study.tracking import resolve_tracking_uri
+
+    return mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
+
+
+def find_experiment(tracking_uri: str | None, experiment: str):
+    from study.tracking import resolve_tracking_uri
+
+    exp = _client(tracking_uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise NoRunsError(
+            f"no experiment {experiment!r} in {resolve_tracking_uri(tracking_uri)}: run "
+            "`python run_study.py ablation stabilizers` (or pass --experiment/--tracking-uri) first"
+        )
+    return exp
+
+
+def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(runs, history, parents) of an experiment's study.
+
+    runs: one row per child run (a cell): run_id, parent_run_id, variant, seed, outcome, status,
+        test_bpd, val_bpd (last), epochs, images_per_s (mean over epochs), first_nonfinite_epoch,
+        divergence_causes, git_commit, device, and every ``section.key`` param (numbers as numbers).
+    history: one row per (run_id, epoch) with the per-epoch metrics of HISTORY_METRICS, plus variant, seed.
+    parents: one row per study parent run (run_id, study, preset, git_commit).
+    """
+    client = _client(tracking_uri)
+    exp = find_experiment(tracking_uri, experiment)
+    all_runs = client.search_runs([exp.experiment_id], max_results=50_000)
+    parents = [r for r in all_runs if r.data.tags.get("kind") == "study-parent"]
+    cells = [r for r in all_runs if "variant" in r.data.tags and r.data.tags.get("kind") != "study-parent"]
+    if not cells:
+        raise NoRunsError(
+            f"experiment {experiment!r} has no training runs: run `python run_study.py ablation stabilizers` first"
+        )
+    rows, hist = [], []
+    for r in cells:
+        tags, metrics = r.data.tags, r.data.metrics
+        row = {
+            "run_id": r.info.run_id,
+            "parent_run_id": tags.get("mlflow.parentRunId"),
+            "variant": tags["variant"],
+            "seed": int(tags.get("seed", -1)),
+            "outcome": tags.get("outcome", "unfinished"),
+            "status": r.info.status,
+            "test_bpd": metrics.get("test_bpd", float("nan")),
+            "first_nonfinite_epoch": tags.get("first_nonfinite_epoch"),
+            "divergence_causes": tags.get("divergence_causes", ""),
+            "git_commit": tags.get("git_commit", ""),
+            "device": tags.get("device", ""),
+            "preset": tags.get("preset", ""),
+        }
+        for key, value in r.data.params.items():
+            row[key] = _param_value(value)
+        per_epoch: dict[int, dict] = {}
+        for key in HISTORY_METRICS:
+            for m in client.get_metric_history(r.info.run_id, key):
+                per_epoch.setdefault(m.step, {})[key] = m.value
+        for epoch, values in sorted(per_epoch.items()):
+            hist.append({"run_id": r.info.run_id, "variant": row["variant"], "seed": row["seed"], "epoch": epoch,
+                         **values})  # fmt: skip
+        epochs = [e for e, v in per_epoch.items() if "val_bpd" in v]
+        row["epochs"] = max(epochs) if epochs else 0
+        row["val_bpd"] = per_epoch[row["epochs"]]["val_bpd"] if epochs else float("nan")
+        speeds = [v["images_per_s"] for v in per_epoch.values() if "images_per_s" in v]
+        row["images_per_s"] = sum(speeds) / len(speeds) if speeds else float("nan")
+        rows.append(row)
+    runs = pd.DataFrame(rows).sort_values(["variant", "seed", "run_id"]).reset_index(drop=True)
+    history = pd.DataFrame(hist)
+    for col in HISTORY_METRICS:
+        if col not in history:
+            history[col] = float("nan")
+    history = history.sort_values(["variant", "seed", "epoch"]).reset_index(drop=True)
+    parent_rows = [
+        {"run_id": p.info.run_id, "study": p.data.tags.get("study"), "preset": p.data.tags.get("preset"),
+         "git_commit": p.data.tags.get("git_commit")}
+        for p in parents
+    ]  # fmt: skip
+    return runs, history, pd.DataFrame(parent_rows, columns=["run_id", "study", "preset", "git_commit"])
