@@ -210,6 +210,101 @@ def ablation(
         sys.exit(130)
 
 
+@cli.command("lr-search")
+@PRESET
+@DATA
+@click.option("--variant", default=None, help="an ablation variant whose switches the search uses (default: preset)")
+@click.option("--trials", type=int, default=8, show_default=True, help="finished trials the study should hold")
+@click.option("--epochs", type=int, default=None, help="epochs per trial (train.epochs)")
+@SET
+@click.option("--storage", default=None, help="Optuna storage (default: sqlite:///optuna.db here)")
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--sampler", default="tpe", show_default=True, help="tpe, grid or gp")
+@click.option("--pruner", default="median", show_default=True, help="median, hyperband or none")
+@click.option(
+    "--range",
+    "lr_range",
+    nargs=2,
+    type=float,
+    default=(1e-4, 1e-2),
+    show_default=True,
+    metavar="LOW HIGH",
+    help="learning-rate range, searched log-uniformly",
+)
+@click.option("--search-warmup", is_flag=True, help="also search the warm-up length (0-200 steps)")
+@click.option("--experiment", default=None, help="MLflow experiment (default: lr-search-PRESET)")
+@TRACKING
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+@click.option(
+    "--grace", type=int, default=30, show_default=True, help="seconds without heartbeat before a trial is retried"
+)
+def lr_search(
+    preset,
+    data,
+    variant,
+    trials,
+    epochs,
+    overrides,
+    storage,
+    workers,
+    sampler,
+    pruner,
+    lr_range,
+    search_warmup,
+    experiment,
+    tracking_uri,
+    device,
+    checkpoint_dir,
+    grace,
+):
+    """Search the learning rate with Optuna (objective: validation bits/dim), each trial an MLflow run."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from study import lrsearch
+
+    extra = tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ())
+    base = _config(preset, data, extra)
+    if workers < 1:
+        _fail("--workers must be >= 1")
+    try:
+        search = lrsearch.make_search(
+            base,
+            preset,
+            variant,
+            trials,
+            lr_range[0],
+            lr_range[1],
+            sampler,
+            pruner,
+            storage=storage,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            checkpoint_root=Path(checkpoint_dir),
+            device=device,
+            search_warmup=search_warmup,
+            grace=grace,
+            heartbeat=max(1, grace // 3),
+        )
+        frame, best = lrsearch.run(search, workers, echo=click.echo)
+    except ConfigError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to continue the search", err=True)
+        sys.exit(130)
+    click.echo(pd.DataFrame(frame).drop(columns=["mlflow_run_id", "duplicate"]).to_string(index=False))
+    pruned = int((frame["state"] == "PRUNED").sum())
+    if best is None:
+        click.echo(f"no trial completed ({pruned} pruned)")
+    else:
+        click.echo(
+            f"best: lr {best['lr']:.4g} -> validation {best['value']:.4f} bits/dim (trial {int(best['trial'])}, "
+            f"{len(frame)} trials, {pruned} pruned); use it with --set train.lr={best['lr']:.4g}"
+        )
+
+
 @cli.command()
 @click.option("--experiment", default="stabilizers-cifar-cpu", show_default=True, help="the study's MLflow experiment")
 @TRACKING

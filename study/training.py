@@ -32,7 +32,7 @@ from study.config import Config, ConfigError, flatten, unflatten
 from study.data import ImageSplits, eval_batches, load_splits, train_batches
 from study.metrics import bits_per_dim
 
-POISON_ENV = "REALNVP_TEST_POISON_STEP"  # test hook: make the loss NaN at this global step, once
+POISON_ENV = "REALNVP_TEST_POISON_STEP"  # test hook: make the loss NaN at this global step, once per run
 CRASH_ENV = "REALNVP_TEST_CRASH_AFTER_CHECKPOINT"  # test hook: exit right after this epoch's checkpoint
 
 
@@ -52,6 +52,14 @@ class RunSpec:
     fresh: bool = False  # start a new run even if one with this identity exists
     echo: Callable[[str], None] = print  # one summary line per epoch
     progress: bool | None = None  # progress bar on stderr; None: when stderr is a terminal
+    # called after each logged epoch with (epoch, val_bpd); raising RunPruned ends the run as
+    # KILLED with outcome "pruned" (the learning-rate search's pruner uses this)
+    on_epoch: Callable[[int, float], None] | None = None
+    evaluate_test: bool = True  # False for search trials: tuning never touches the test split
+
+
+class RunPruned(Exception):
+    """Raised by RunSpec.on_epoch to stop a run early; it is recorded, not a failure."""
 
 
 @dataclass
@@ -174,7 +182,7 @@ def _test_crash_after_checkpoint(epoch: int) -> None:
 
 
 class _Poison:
-    """Test-only NaN injection (see POISON_ENV); fires once per process."""
+    """Test-only NaN injection (see POISON_ENV); fires once per run (not again after a restore)."""
 
     def __init__(self):
         value = os.environ.get(POISON_ENV)
@@ -517,6 +525,8 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
                 f"epoch {epoch}/{cfg.train.epochs}  train {metrics['train_bpd']:.4f}  val {val_bpd:.4f} bits/dim  "
                 f"{metrics['images_per_s']:.0f} img/s  {epoch_seconds:.1f} s"
             )
+            if spec.on_epoch is not None:
+                spec.on_epoch(epoch, val_bpd)
             epoch += 1
 
         # --- the end: test split, outcome, artifacts -------------------------------------------
@@ -525,6 +535,7 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         final_epoch = history[-1]["epoch"] if history else 0
         if outcome != "diverged":
             outcome = "recovered" if events else "completed"
+        if outcome != "diverged" and spec.evaluate_test:
             test_bpd = evaluate(
                 model, data["test"], cfg.train.eval_batch_size, run_state["amp"], cfg.train.channels_last
             )
@@ -543,10 +554,18 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         summary = f"run {run_id}: {outcome}"
         if test_bpd is not None:
             summary += f", test {test_bpd:.4f} bits/dim"
+        elif outcome != "diverged":
+            summary += f", validation {val_last:.4f} bits/dim (test split not evaluated)"
         else:
             summary += f" at epoch {events[-1]['epoch']} ({events[-1]['cause']}); epochs before it are kept"
         spec.echo(summary)
         return RunResult(run_id, outcome, int(final_epoch), val_last, test_bpd, events)
+    except RunPruned:
+        status = "KILLED"
+        tracker.tags({"outcome": "pruned"})
+        spec.echo(f"run {run_id}: pruned after epoch {epoch}")
+        val_last = history[-1]["val_bpd"] if history else math.nan
+        return RunResult(run_id, "pruned", epoch, val_last, None, run_state["events"])
     except KeyboardInterrupt:
         status = "KILLED"
         raise

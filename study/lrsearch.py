@@ -1,0 +1,291 @@
+"""Optuna learning-rate search: log-uniform lr (optionally the warm-up length), objective = validation
+bits/dim in eval mode (never the test split), pruned per epoch, each trial a nested MLflow run.
+
+Storage is Optuna's own (SQLite file by default, PostgreSQL for several machines); re-running the
+command continues the study until it holds the requested number of finished trials, and a killed
+worker's trial is retried through heartbeats, resuming its MLflow run from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from study.config import Config, ConfigError, apply_values, flatten
+
+SAMPLERS = ("tpe", "grid", "gp")
+PRUNERS = ("median", "hyperband", "none")
+
+
+@dataclass
+class Search:
+    base: Config  # preset + variant overrides + command-line overrides
+    preset: str
+    variant: str
+    trials: int
+    low: float
+    high: float
+    sampler: str = "tpe"
+    pruner: object = "median"  # a name from PRUNERS, or an optuna pruner (tests)
+    search_warmup: bool = False
+    storage: str = ""
+    tracking_uri: str | None = None
+    experiment: str = ""
+    checkpoint_root: Path = Path("checkpoints")
+    device: str = "auto"
+    heartbeat: int = 10
+    grace: int = 30
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        blob = json.dumps({"base": flatten(self.base), "range": [self.low, self.high], "sampler": self.sampler,
+                           "warmup": self.search_warmup, "trials": self.trials if self.sampler == "grid" else None},
+                          sort_keys=True)  # fmt: skip
+        return f"lr-{self.variant}-{self.preset}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
+
+
+def make_search(
+    base: Config, preset: str, variant: str | None, trials: int, low: float, high: float, sampler: str, pruner, **kw
+) -> Search:
+    """Validate the request; a bad range, sampler, pruner or variant is a ConfigError (exit 2)."""
+    from experiments.ablation import STABILIZERS
+
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or high <= 0:
+        raise ConfigError(f"--range {low:g} {high:g}: learning rates must be positive numbers")
+    if low >= high:
+        raise ConfigError(f"--range {low:g} {high:g}: LOW must be below HIGH")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if isinstance(pruner, str) and pruner not in PRUNERS:
+        raise ConfigError(f"--pruner {pruner!r}: use one of {', '.join(PRUNERS)}")
+    if trials < 1:
+        raise ConfigError("--trials must be >= 1")
+    if variant:
+        by = {v.name: v for v in STABILIZERS}
+        if variant not in by:
+            raise ConfigError(f"--variant {variant!r}: use one of {', '.join(by)}")
+        base = apply_values(base, by[variant].overrides)
+    kw["experiment"] = kw.get("experiment") or f"lr-search-{preset}"
+    kw["storage"] = kw.get("storage") or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    return Search(base, preset, variant or "default", trials, low, high, sampler, pruner, **kw)
+
+
+def _storage(search: Search):
+    import warnings
+
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna.storages.RDBStorage(
+        search.storage, heartbeat_interval=search.heartbeat, grace_period=search.grace,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )  # fmt: skip
+
+
+def _sampler(search: Search, worker: int, existing: int = 0):
+    import numpy as np
+    import optuna
+
+    # distinct per worker and per invocation: one seed everywhere (or again after a restart)
+    # proposes the same random start-up points again
+    seed = 1000 + worker + 7919 * existing
+    if search.sampler == "grid":
+        grid = [float(v) for v in np.geomspace(search.low, search.high, search.trials)]
+        return optuna.samplers.GridSampler({"lr": grid}, seed=0)  # grid ids must agree across workers
+    if search.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(search: Search):
+    import optuna
+
+    if not isinstance(search.pruner, str):
+        return search.pruner
+    if search.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if search.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search.base.train.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def prepare(search: Search) -> str:
+    """Create the stores and the Optuna study once; return the MLflow parent run id."""
+    import mlflow
+    import optuna
+
+    from study.tracking import git_commit, setup
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _, exp_id = setup(search.tracking_uri, search.experiment)
+    optuna.create_study(study_name=search.name, storage=_storage(search), direction="minimize",
+                        load_if_exists=True)  # fmt: skip
+    client = mlflow.MlflowClient()
+    found = client.search_runs([exp_id], filter_string=f"tags.lr_search = '{search.name}' and tags.kind = 'lr-search'")
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {"kind": "lr-search", "lr_search": search.name, "variant": search.variant, "preset": search.preset,
+            "sampler": search.sampler, "pruner": str(search.pruner), "git_commit": git_commit()}  # fmt: skip
+    run = client.create_run(exp_id, tags=tags, run_name=search.name)
+    from mlflow.entities import Param
+
+    params = [Param("search.low", str(search.low)), Param("search.high", str(search.high)),
+              Param("search.trials", str(search.trials))]  # fmt: skip
+    client.log_batch(run.info.run_id, params=params)
+    return run.info.run_id
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return sum(1 for t in done if not t.user_attrs.get("duplicate"))
+
+
+def _duplicate_retry(study, trial) -> bool:
+    """True when a lower-numbered retry of the same failed trial is running or finished."""
+    from optuna.trial import TrialState
+
+    origin = study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    if origin is None:
+        return False
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)):
+        if (
+            t.number < trial.number
+            and t.system_attrs.get("failed_trial") == origin
+            and not t.user_attrs.get("duplicate")
+        ):
+            return True
+    return False
+
+
+def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], None] = print, threads: int = 0) -> None:
+    """Run trials until the study holds ``search.trials`` finished (complete or pruned) trials."""
+    import optuna
+    import torch
+
+    from study.data import load_splits
+    from study.training import RunPruned, RunSpec, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    existing = len(optuna.load_study(study_name=search.name, storage=_storage(search)).trials)
+    study = optuna.load_study(study_name=search.name, storage=_storage(search),
+                              sampler=_sampler(search, worker, existing), pruner=_pruner(search))  # fmt: skip
+    splits = load_splits(search.base.data)
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", search.low, search.high, log=True)
+        if _duplicate_retry(study, trial):
+            # on SQLite two workers can both fail the same stale trial and both re-queue it
+            trial.set_user_attr("duplicate", True)
+            raise optuna.TrialPruned("another retry of the same trial is running")
+        values = {"train.lr": lr}
+        if search.search_warmup:
+            values["stabilizers.warmup_steps"] = trial.suggest_int("warmup_steps", 0, 200, step=50)
+        if threads:
+            values["train.threads"] = threads
+        cfg = apply_values(search.base, values)
+
+        def on_epoch(epoch: int, val_bpd: float) -> None:
+            trial.report(val_bpd, epoch)
+            if trial.should_prune():
+                raise RunPruned()
+
+        echo(f"[worker {worker}] trial {trial.number}: lr {lr:.3g}")
+        spec = RunSpec(cfg=cfg, preset=search.preset, variant=search.variant, experiment=search.experiment,
+                       tracking_uri=search.tracking_uri, device=search.device, checkpoint_root=search.checkpoint_root,
+                       parent_run_id=parent, tags={"lr_search": search.name, "trial": str(trial.number)},
+                       echo=lambda s: echo(f"[worker {worker}] trial {trial.number}: {s}"), progress=False,
+                       on_epoch=on_epoch, evaluate_test=False)  # fmt: skip
+        result = train(spec, splits=splits)
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        trial.set_user_attr("outcome", result.outcome)
+        if result.outcome == "pruned":
+            raise optuna.TrialPruned()
+        if result.outcome == "diverged":
+            trial.set_user_attr("cause", result.events[-1]["cause"] if result.events else "unknown")
+            return math.inf  # a result, not a failure: the search goes on and TPE learns to avoid it
+        return result.val_bpd
+
+    def enough(study, _trial) -> None:
+        if _finished(study) >= search.trials:
+            study.stop()
+
+    if _finished(study) < search.trials:
+        optuna.storages.fail_stale_trials(study)
+        study.optimize(objective, callbacks=[enough], catch=())
+
+
+def _worker_main(search: Search, parent: str, worker: int, threads: int) -> None:
+    work(search, parent, worker, echo=lambda s: print(s, flush=True), threads=threads)
+
+
+def trials_frame(search: Search):
+    """One row per trial: number, state, lr, value, outcome, mlflow_run_id."""
+    import optuna
+    import pandas as pd
+
+    study = optuna.load_study(study_name=search.name, storage=_storage(search))
+    rows = [{"trial": t.number, "state": t.state.name, "lr": t.params.get("lr"),
+             "warmup_steps": t.params.get("warmup_steps"), "value": t.value,
+             "last_reported": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
+             "outcome": t.user_attrs.get("outcome"), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+             "duplicate": bool(t.user_attrs.get("duplicate"))}
+            for t in study.get_trials(deepcopy=False)]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def run(search: Search, workers: int = 1, echo: Callable[[str], None] = print):
+    """The whole search: prepare, work (in ``workers`` processes), record the best on the parent."""
+    import time
+
+    import mlflow
+    import optuna
+    from mlflow.entities import Metric, RunTag
+
+    parent = prepare(search)
+    echo(f"search {search.name}: {search.trials} trials, lr in [{search.low:g}, {search.high:g}], "
+         f"{search.sampler} sampler, {search.pruner} pruner; MLflow parent {parent}")  # fmt: skip
+    status = "KILLED"
+    try:
+        while True:
+            if workers == 1:
+                work(search, parent, 0, echo)
+            else:
+                threads = max(1, (os.cpu_count() or 1) // workers)
+                ctx = multiprocessing.get_context("spawn")
+                procs = [ctx.Process(target=_worker_main, args=(search, parent, i, threads)) for i in range(workers)]
+                for p in procs:
+                    p.start()
+                for p in procs:
+                    p.join()
+            study = optuna.load_study(study_name=search.name, storage=_storage(search))
+            optuna.storages.fail_stale_trials(study)
+            if _finished(study) >= search.trials:
+                break
+            echo(f"waiting for trials held by other workers (stale after {search.grace} s)")
+            time.sleep(max(1, search.heartbeat))
+        status = "FINISHED"
+    finally:
+        mlflow.MlflowClient().set_terminated(parent, status)
+    frame = trials_frame(search)
+    frame = frame[~frame["duplicate"]].reset_index(drop=True)
+    complete = frame[(frame["state"] == "COMPLETE") & frame["value"].map(lambda v: v is not None and math.isfinite(v))]
+    client = mlflow.MlflowClient()
+    if len(complete):
+        best = complete.loc[complete["value"].idxmin()]
+        client.log_batch(parent, metrics=[Metric("best_val_bpd", float(best["value"]), 0, 0),
+                                          Metric("best_lr", float(best["lr"]), 0, 0)],
+                         tags=[RunTag("best_trial", str(int(best["trial"]))),
+                               RunTag("best_run_id", str(best["mlflow_run_id"]))])  # fmt: skip
+    return frame, (complete.loc[complete["value"].idxmin()] if len(complete) else None)
