@@ -314,7 +314,8 @@ def lr_search(
 )
 @click.option("--data", default=None, help="where the audit finds the runs' data, if not where they were trained")
 @click.option("--audit/--no-audit", default=True, show_default=True, help="run the accounting audit")
-def report(experiment, tracking_uri, out, window, data, audit):
+@click.option("--lr-experiment", default=None, help="MLflow experiment of the lr searches (default: lr-search-PRESET)")
+def report(experiment, tracking_uri, out, window, data, audit, lr_experiment):
     """Regenerate the report (tables, figures, audit) from a study's MLflow runs."""
     from pathlib import Path
 

@@ -59,7 +59,9 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
     exp = find_experiment(tracking_uri, experiment)
     all_runs = client.search_runs([exp.experiment_id], max_results=50_000)
     parents = [r for r in all_runs if r.data.tags.get("kind") == "study-parent"]
-    cells = [r for r in all_runs if "variant" in r.data.tags and r.data.tags.get("kind") != "study-parent"]
+    # cells only: not the study's parent, nor learning-rate search runs that share an experiment
+    cells = [r for r in all_runs if "variant" in r.data.tags and "kind" not in r.data.tags
+             and "lr_search" not in r.data.tags]  # fmt: skip
     if not cells:
         raise NoRunsError(
             f"experiment {experiment!r} has no training runs: run `python run_study.py ablation stabilizers` first"
@@ -108,3 +110,26 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
         for p in parents
     ]  # fmt: skip
     return runs, history, pd.DataFrame(parent_rows, columns=["run_id", "study", "preset", "git_commit"])
+
+
+def collect_lr_search(tracking_uri: str | None, experiment: str) -> pd.DataFrame:
+    """One row per learning-rate search trial run: search, variant, trial, lr, val_bpd (last epoch
+    reported), epochs, outcome (completed / pruned / diverged), run_id. Empty when there is none."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    columns = ["search", "variant", "trial", "lr", "val_bpd", "epochs", "outcome", "run_id"]
+    if exp is None:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for r in client.search_runs([exp.experiment_id], max_results=50_000):
+        tags = r.data.tags
+        if "lr_search" not in tags or tags.get("kind") == "lr-search":
+            continue
+        history = sorted(client.get_metric_history(r.info.run_id, "val_bpd"), key=lambda m: m.step)
+        rows.append({
+            "search": tags["lr_search"], "variant": tags.get("variant", ""), "trial": int(tags.get("trial", -1)),
+            "lr": float(r.data.params["train.lr"]), "val_bpd": history[-1].value if history else float("nan"),
+            "epochs": history[-1].step if history else 0, "outcome": tags.get("outcome", "unfinished"),
+            "run_id": r.info.run_id,
+        })  # fmt: skip
+    return pd.DataFrame(rows, columns=columns).sort_values(["variant", "trial"]).reset_index(drop=True)

@@ -97,11 +97,14 @@ def sample_panel(grids: dict[str, Path], path: Path) -> Path:
 
 
 def lr_search(trials: pd.DataFrame, path: Path) -> Path:
-    """Validation bits/dim against learning rate for each search trial (log x), pruned trials marked."""
+    """Validation bits/dim (last epoch reached) against learning rate for every search trial, log x;
+    marker style = outcome (pruned trials stopped early, so their value is from an earlier epoch)."""
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    sns.scatterplot(data=trials, x="lr", y="value", hue="variant", style="state", ax=ax, s=60)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    shown = trials.assign(val_bpd=trials["val_bpd"].clip(upper=9.0))
+    sns.scatterplot(data=shown, x="lr", y="val_bpd", hue="variant", style="outcome", ax=ax, s=70)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("validation bits/dim (last reported)")
+    ax.set_ylabel("validation bits/dim (last epoch reached)")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), fontsize=8)
     return _save(fig, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures
-from analysis.collect import collect_runs
+from analysis.collect import collect_lr_search, collect_runs
 from analysis.reference import REFERENCES
 from analysis.stats import paired_effects, variant_table
 
@@ -146,6 +146,7 @@ def generate_report(
     run_audit: bool = True,
     command: str = "",
     log_to_parent: bool = True,
+    lr_experiment: str | None = None,
 ) -> Path:
     """Write out/README.md and out/figures/*.png from the experiment's runs; return the README path.
     Raises analysis.collect.NoRunsError (a one-line message) when there is nothing to report."""
@@ -175,6 +176,9 @@ def generate_report(
         if grids:
             figures.sample_panel(grids, fig_dir / "samples.png")
     audit_table, audit_source = _audit(runs, uri, data) if run_audit else (None, "not run (--no-audit)")
+    lr_trials = collect_lr_search(uri, lr_experiment or f"lr-search-{runs.iloc[0].get('preset')}")
+    if len(lr_trials):
+        figures.lr_search(lr_trials, fig_dir / "lr_search.png")
 
     first = runs.iloc[0]
     epochs = sorted(set(runs["epochs"]))
@@ -256,6 +260,24 @@ def generate_report(
         ]
     else:
         lines += [f"Audit {audit_source}.", ""]
+    if len(lr_trials):
+        lines += [
+            "## Learning-rate search",
+            "",
+            "Optuna searches (objective: validation bits/dim in eval mode, never the test split). Best "
+            "completed trial per variant; pruned trials stopped early at the median pruner's decision.",
+            "",
+        ]
+        best = []
+        for (search, variant), t in lr_trials.groupby(["search", "variant"], sort=True):
+            done = t[t["outcome"] == "completed"]
+            top = done.loc[done["val_bpd"].idxmin()] if len(done) else None
+            best.append({"variant": variant, "trials": len(t), "pruned": int((t["outcome"] == "pruned").sum()),
+                         "diverged": int((t["outcome"] == "diverged").sum()),
+                         "best lr": f"{top['lr']:.3g}" if top is not None else "–",
+                         "best val bpd": _fmt(top["val_bpd"]) if top is not None else "–",
+                         "epochs": int(t["epochs"].max()), "search": f"`{search}`"})  # fmt: skip
+        lines += [_md(pd.DataFrame(best)), "", "![learning-rate search](figures/lr_search.png)", ""]
     if has_baseline and len(eff):
         lines += ["## What these runs support", "", *_conclusions(eff, table), ""]
     lines += [

@@ -174,6 +174,14 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
     from analysis.report import generate_report
 
     _fabricate(store, n_epochs=4, seeds=(0, 1, 2))
+    client = mlflow.MlflowClient(store)
+    lr_exp = client.create_experiment("lr-search-demo")
+    for trial, (lr, outcome, val) in enumerate(
+        [(1e-3, "completed", 4.2), (3e-3, "completed", 4.1), (1e-4, "pruned", 5.0)]
+    ):
+        run = client.create_run(lr_exp, tags={"lr_search": "lr-x", "variant": "seed-report", "trial": str(trial),
+                                              "outcome": outcome}).info.run_id  # fmt: skip
+        client.log_batch(run, metrics=[Metric("val_bpd", val, 0, 1)], params=[Param("train.lr", str(lr))])
     out = tmp_path / "report"
     readme = generate_report(store, "fab", out, window=40, run_audit=False, command="python run_study.py report")
     text = readme.read_text()
@@ -190,8 +198,15 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
         assert needle in text, needle
     # no-l2 is worse by exactly 0.1 on every seed
     assert "| no-l2 | 3 | +0.100 |" in text
+    assert "| seed-report | 3 | 1 | 0 | 0.003 | 4.100 | 1 | `lr-x` |" in text  # best completed lr, pruned counted
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    assert {p.name for p in files} >= {"README.md", "learning_curves.png", "gradient_norms.png", "effects.png"}
+    assert {p.name for p in files} >= {
+        "README.md",
+        "learning_curves.png",
+        "gradient_norms.png",
+        "effects.png",
+        "lr_search.png",
+    }
     before = {p: p.read_bytes() for p in files}
     generate_report(store, "fab", out, window=40, run_audit=False, command="python run_study.py report")
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
