@@ -224,3 +224,14 @@ def test_report_without_runs_is_a_one_line_error(store, tmp_path):
     assert result.exit_code == 2
     assert "run `python run_study.py ablation stabilizers`" in result.stderr and result.stderr.count("\n") == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_histogram_baseline_known_values():
+    from analysis.baselines import histogram_bpd
+
+    rng = np.random.default_rng(0)
+    uniform = rng.integers(0, 256, (2000, 3, 8, 8), dtype=np.uint8)
+    assert abs(histogram_bpd(uniform, uniform[:500]) - 8.0) < 0.02
+    constant = np.zeros((10, 1, 4, 4), dtype=np.uint8)
+    # add-one smoothing: p(0) = (160 + 1) / (160 + 256)
+    assert math.isclose(histogram_bpd(constant, constant), -math.log2(161 / 416))
