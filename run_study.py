@@ -60,6 +60,8 @@ TRACKING = click.option(
     "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
 )
 EXPERIMENT = click.option("--experiment", default="realnvp", show_default=True, help="MLflow experiment name")
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+CHECKPOINT_DIR = click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
 EXPERIMENT_OPT = click.option("--experiment", default=None, help="MLflow experiment (default: STUDY-PRESET)")
 
 
@@ -71,9 +73,9 @@ EXPERIMENT_OPT = click.option("--experiment", default=None, help="MLflow experim
 @SET
 @EXPERIMENT
 @TRACKING
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@DEVICE
 @click.option("--variant", default="default", show_default=True, help="name recorded with the run")
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+@CHECKPOINT_DIR
 @click.option("--resume", "resume_run_id", default=None, help="continue this MLflow run from its last checkpoint")
 @click.option("--fresh", is_flag=True, help="start a new run even if one with the same identity exists")
 def train(
@@ -135,8 +137,8 @@ def train(
 @click.option("--storage", default=None, help="Optuna storage (default: sqlite:///optuna.db here)")
 @EXPERIMENT_OPT
 @TRACKING
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+@DEVICE
+@CHECKPOINT_DIR
 @click.option(
     "--grace", type=int, default=30, show_default=True, help="seconds without heartbeat before a cell is retried"
 )
@@ -234,8 +236,8 @@ def ablation(
 @click.option("--search-warmup", is_flag=True, help="also search the warm-up length (0-200 steps)")
 @click.option("--experiment", default=None, help="MLflow experiment (default: lr-search-PRESET)")
 @TRACKING
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+@DEVICE
+@CHECKPOINT_DIR
 @click.option(
     "--grace", type=int, default=30, show_default=True, help="seconds without heartbeat before a trial is retried"
 )
@@ -368,7 +370,7 @@ def sample(run_id, temperature, num, out, tracking_uri):
 
 @cli.command()
 @click.option("--size", type=click.Choice(["paper", "small", "demo"]), default="demo", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@DEVICE
 @click.option("--amp", type=click.Choice(["off", "fp16", "bf16"]), default="off", show_default=True)
 @click.option("--channels-last", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile log_prob (a cold compile takes ~1 min)")

@@ -76,24 +76,16 @@ def find_run(experiment_id: str, run_key: str):
     return runs[0] if runs else None
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+    return out.stdout.strip()
+
+
 def git_commit() -> str:
+    """Short commit of this checkout, with -dirty when tracked files are modified."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
+        return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
