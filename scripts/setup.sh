@@ -21,5 +21,8 @@ fi
 echo "setup: .venv ready" >&2
 
 if [ "${SETUP_ONLY:-0}" != "1" ]; then
-  exec .venv/bin/python run_study.py train --preset demo
+  # the main job on the embedded offline data: the stabilizer ablation at the demo preset (2 seeds),
+  # then its report in demo-report/ (report/ holds the committed cifar-cpu study)
+  .venv/bin/python run_study.py ablation stabilizers --preset demo --seeds 2
+  exec .venv/bin/python run_study.py report --experiment stabilizers-demo --out demo-report
 fi
