@@ -120,6 +120,9 @@ def train(
         train_run(spec, resume_run_id=resume_run_id)
     except (ConfigError, DataError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again (or --resume RUN_ID) to continue", err=True)
+        sys.exit(130)
 
 
 @cli.command()

@@ -289,3 +289,35 @@ def test_sample_command_writes_a_grid(store, tmp_path):
         assert im.size == (4 * 34 + 2, 4 * 34 + 2)
     bad = CliRunner().invoke(run_study.cli, ["sample", "--run", "nope", "--tracking-uri", store])
     assert bad.exit_code == 2 and "no run 'nope'" in bad.stderr
+
+
+def test_resume_by_run_id_and_unknown_id(store, tmp_path):
+    proc = _cli(store, tmp_path)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/4"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    cmd = [sys.executable, str(ROOT / "run_study.py"), "train", "--tracking-uri", store, "--device", "cpu",
+           "--resume", run.info.run_id]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"resuming run {run.info.run_id} after epoch 1" in out.stdout
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
+    bad = subprocess.run([*cmd[:-1], "0" * 32], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no such run" in bad.stderr
+
+
+def test_ctrl_c_marks_the_run_killed_and_exits_130(store, tmp_path):
+    proc = _cli(store, tmp_path)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/4"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command again" in err
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    assert run.info.status == "KILLED"
