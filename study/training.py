@@ -30,6 +30,7 @@ import torch
 from study import checkpoint
 from study.config import Config, ConfigError, flatten, unflatten
 from study.data import ImageSplits, eval_batches, load_splits, train_batches
+from study.distributed import SINGLE, Dist, all_sum, shard
 from study.metrics import bits_per_dim
 
 POISON_ENV = "REALNVP_TEST_POISON_STEP"  # test hook: make the loss NaN at this global step, once per run
@@ -107,21 +108,26 @@ def lr_at(step: int, base: float, warmup_steps: int, factor: float = 1.0) -> flo
 
 
 @torch.no_grad()
-def evaluate(model, images: torch.Tensor, batch_size: int, amp: str = "off", channels_last: bool = False) -> float:
+def evaluate(
+    model, images: torch.Tensor, batch_size: int, amp: str = "off", channels_last: bool = False, d: Dist = SINGLE
+) -> float:
     """Bits/dim over every image of a split in eval mode: the mean of per-image values, so batches of
-    different sizes are weighted by their size. Restores the model's previous mode."""
+    different sizes are weighted by their size. Restores the model's previous mode. Under torchrun each
+    rank takes its share of every batch (same noise as one process) and the sums are all-reduced."""
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=images.device), 0
+    total = torch.zeros(2, dtype=torch.float64, device=images.device)  # sum of bits/dim, count
     for x in eval_batches(images, batch_size):
+        x = shard(x, d)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(amp, images.device):
             lp = model.log_prob(x)
-        total += bits_per_dim(lp.double(), model.num_dims).sum()
-        count += len(x)
+        total[0] += bits_per_dim(lp.double(), model.num_dims).sum()
+        total[1] += len(x)
     model.train(was_training)
-    return (total / count).item()
+    total = all_sum(total, d)
+    return (total[0] / total[1]).item()
 
 
 @dataclass
@@ -133,13 +139,17 @@ class StepResult:
     skipped: bool  # fp16 GradScaler skipped the step for inf/NaN gradients
 
 
-def train_step(model, opt, scaler, x, amp: str, l2: float, l2_params, max_norm: float, loss_hook=None) -> StepResult:
+def train_step(
+    model, opt, scaler, x, amp: str, l2: float, l2_params, max_norm: float, loss_hook=None, ddp=None, d: Dist = SINGLE
+) -> StepResult:
     """One optimisation step: forward, backward, unscale, clip, Adam. The loss is the mean NLL in
     nats per image (as in the official code and chrischute), plus 0.5 * l2 * sum(p^2) over
-    ``l2_params``; it stays fp32 under autocast. Exactly one host sync, for the step decision."""
+    ``l2_params``; it stays fp32 under autocast. Exactly one host sync, for the step decision.
+    Under torchrun ``ddp`` is the DistributedDataParallel wrapper and the reported loss is averaged
+    over ranks, so every rank takes the same decision."""
     opt.zero_grad(set_to_none=True)
     with autocast(amp, x.device):
-        lp = model.log_prob(x)
+        lp = model.log_prob(x) if ddp is None else type(ddp.module).log_density(*ddp(x))
     nll = -lp.float().mean()
     loss = nll
     if l2_params:
@@ -153,7 +163,10 @@ def train_step(model, opt, scaler, x, amp: str, l2: float, l2_params, max_norm: 
         loss.backward()
     params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    loss_v, nll_v, norm_v = torch.stack([loss.detach(), nll.detach(), norm.float()]).tolist()
+    stats = torch.stack([loss.detach(), nll.detach(), norm.float()])
+    if d.enabled:  # gradients (so the norm) are already equal on every rank; losses are per rank
+        stats = torch.cat([all_sum(stats[:2].clone(), d) / d.world, stats[2:]])
+    loss_v, nll_v, norm_v = stats.tolist()
     # with a GradScaler, non-finite gradients under a finite loss are fp16 overflow: it skips the step
     finite = math.isfinite(loss_v) and (scaler is not None or math.isfinite(norm_v))
     if not finite:
@@ -237,6 +250,22 @@ class _Tracker:
             self.client.log_artifact(self.run_id, str(path), folder)
 
 
+class _NullTracker(_Tracker):
+    """What ranks other than 0 log: nothing."""
+
+    def __init__(self):
+        self.run_id, self.seconds, self.logged = "", 0.0, set()
+
+    def metrics(self, values, step):
+        pass
+
+    def tags(self, values):
+        pass
+
+    def artifact(self, path, folder):
+        pass
+
+
 def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tuple[str, Path]:
     """Create the MLflow run with its params and tags; its checkpoints go to ROOT/EXPERIMENT/RUN_ID."""
     import mlflow
@@ -300,14 +329,23 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     User errors (bad config, missing data, unusable device) raise ConfigError / DataError before
     any MLflow run or file is created.
     """
-    from study.flows import build_model
+    from study import distributed
     from study.tracking import find_run, setup
 
     cfg = spec.cfg
+    d = distributed.from_env()
     device = resolve_device(spec.device)
     check_amp(cfg.stabilizers.amp, device)
+    if d.enabled and resume_run_id is not None:
+        raise ConfigError("--resume under torchrun: re-run the same command instead (the run identity resumes it)")
+    if d.enabled and cfg.train.batch_size % d.world:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {d.world} processes")
     if resume_run_id is None:
         splits = splits or load_splits(cfg.data)
+    device = distributed.init(d, device)
+    if not d.main:
+        spec.echo = lambda _line: None  # one process speaks and logs
+        return _follow(spec, splits, d, device)
     uri, exp_id = setup(spec.tracking_uri, spec.experiment)
     import mlflow
 
@@ -335,6 +373,7 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     if existing is not None and existing.info.status == "FINISHED" and "outcome" in existing.data.tags:
         m = existing.data.metrics
         spec.echo(f"run {existing.info.run_id} with this identity already finished ({existing.data.tags['outcome']})")
+        distributed.broadcast({"done": True}, d)
         return RunResult(
             existing.info.run_id,
             existing.data.tags["outcome"],
@@ -345,22 +384,7 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
             already_done=True,
         )
 
-    # --- build ----------------------------------------------------------------------------------
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    channels, size, _ = splits.shape
-    model = build_model(cfg, in_channels=channels, image_size=size).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
-    data = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
-    stab = cfg.stabilizers
-    run_state = {"amp": stab.amp, "lr_factor": 1.0, "retries": 0, "events": []}
-    scaler = torch.amp.GradScaler("cuda") if stab.amp == "fp16" else None
-    history: list[dict[str, float]] = []
-    start_epoch, step = 1, 0
+    model, opt, scaler, gen, run_state = _build(cfg, splits, device)
 
     # --- resume ---------------------------------------------------------------------------------
     found = None
@@ -374,7 +398,60 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         client.update_run(run_id, status="RUNNING")
     else:
         run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
+    if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
+        checkpoint.save(ckpt_dir, _state(model, opt, scaler, gen, 0, 0, [], run_state, cfg, splits.shape, run_id))
+    distributed.broadcast({"done": False, "run_id": run_id, "ckpt_dir": str(ckpt_dir)}, d)
     tracker = _Tracker(run_id)
+    return _loop(spec, cfg, splits, d, device, model, opt, scaler, gen, run_state, run_id, ckpt_dir, found, tracker,
+                 client)  # fmt: skip
+
+
+def _build(cfg: Config, splits: ImageSplits, device: torch.device):
+    """Model, optimizer, scaler, data generator and run state of a fresh run, fixed by the seed."""
+    from study.flows import build_model
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    channels, size, _ = splits.shape
+    model = build_model(cfg, in_channels=channels, image_size=size).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
+    run_state = {"amp": cfg.stabilizers.amp, "lr_factor": 1.0, "retries": 0, "events": []}
+    scaler = torch.amp.GradScaler("cuda") if cfg.stabilizers.amp == "fp16" else None
+    return model, opt, scaler, gen, run_state
+
+
+def _follow(spec: RunSpec, splits: ImageSplits, d, device: torch.device) -> RunResult:
+    """A rank other than 0 under torchrun: build the same model, learn from rank 0 which run and
+    checkpoint it is, and train in lockstep without touching MLflow."""
+    from study import distributed
+
+    cfg = spec.cfg
+    info = distributed.broadcast(None, d)
+    if info["done"]:
+        return RunResult("", "completed", 0, math.nan, None, [], already_done=True)
+    model, opt, scaler, gen, run_state = _build(cfg, splits, device)
+    ckpt_dir = Path(info["ckpt_dir"])
+    found = checkpoint.load(ckpt_dir, map_location=device)
+    if found is not None and found[0]["epoch"] == 0:
+        found = None  # a fresh run: every rank starts from the same seed-determined initialisation
+    return _loop(spec, cfg, splits, d, device, model, opt, scaler, gen, run_state, info["run_id"], ckpt_dir, found,
+                 _NullTracker(), None)  # fmt: skip
+
+
+def _loop(spec, cfg, splits, d, device, model, opt, scaler, gen, run_state, run_id, ckpt_dir, found, tracker,
+          client) -> RunResult:  # fmt: skip
+    """Resume from ``found`` if given, then the epoch loop and the end of the run."""
+    from study import distributed
+
+    data = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
+    stab = cfg.stabilizers
+    history: list[dict[str, float]] = []
+    start_epoch, step = 1, 0
+    ddp = distributed.wrap(model, d, device) if d.enabled else None
 
     def restore(state: dict) -> None:
         nonlocal step, history, scaler
@@ -397,10 +474,6 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         for entry in history:  # epochs checkpointed but not logged before the crash
             if int(entry["epoch"]) not in tracker.logged:
                 tracker.metrics(entry, step=int(entry["epoch"]))
-    else:
-        checkpoint.save(
-            ckpt_dir, _state(model, opt, scaler, gen, 0, 0, [], run_state, cfg, splits.shape, run_id)
-        )  # epoch 0: the state a restore falls back to before any epoch finished
 
     # --- train ----------------------------------------------------------------------------------
     poison = _Poison()
@@ -427,6 +500,7 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
                 bar.__enter__()
             n_images = 0
             for x in batches:
+                x = shard(x, d)  # every rank drew the same global batch
                 if cfg.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 lr = lr_at(step, cfg.train.lr, stab.warmup_steps, run_state["lr_factor"])
@@ -442,14 +516,16 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
                     l2_params,
                     max_norm,
                     loss_hook=lambda loss, s=step: poison(s, loss),
+                    ddp=ddp,
+                    d=d,
                 )
                 if not result.finite:
                     cause = "non-finite loss" if not math.isfinite(result.loss) else "non-finite gradient"
                     diverged = {"epoch": epoch, "step": step, "cause": cause, "amp": amp}
                     break
                 skipped += int(result.skipped)
-                nll_sum += result.nll * len(x)
-                n_images += len(x)
+                nll_sum += result.nll * len(x) * d.world
+                n_images += len(x) * d.world
                 if math.isfinite(result.grad_norm):
                     norms.append(result.grad_norm)
                     clipped += int(result.grad_norm > max_norm)
@@ -486,7 +562,7 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
                 continue
 
             train_seconds = time.perf_counter() - t0
-            val_bpd = evaluate(model, data["val"], cfg.train.eval_batch_size, amp, cfg.train.channels_last)
+            val_bpd = evaluate(model, data["val"], cfg.train.eval_batch_size, amp, cfg.train.channels_last, d)
             epoch_seconds = time.perf_counter() - t0
             metrics = {
                 "epoch": float(epoch),
@@ -509,14 +585,15 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
             log_before = tracker.seconds
             history.append(metrics)
             t_ckpt = time.perf_counter()
-            checkpoint.save(
-                ckpt_dir, _state(model, opt, scaler, gen, epoch, step, history, run_state, cfg, splits.shape, run_id)
-            )
+            if d.main:
+                state = _state(model, opt, scaler, gen, epoch, step, history, run_state, cfg, splits.shape, run_id)
+                checkpoint.save(ckpt_dir, state)
+            distributed.barrier(d)  # a restore on any rank must find this checkpoint
             ckpt_seconds = time.perf_counter() - t_ckpt
             _test_crash_after_checkpoint(epoch)
             if epoch not in tracker.logged:
                 tracker.metrics(metrics, step=epoch)
-                if epoch % cfg.train.sample_every == 0 or epoch == cfg.train.epochs:
+                if d.main and (epoch % cfg.train.sample_every == 0 or epoch == cfg.train.epochs):
                     _log_samples(model, tracker, epoch)
                 # MLflow calls only (not sampling, not checkpointing): the tracking overhead
                 overhead = {"logging_seconds": tracker.seconds - log_before, "checkpoint_seconds": ckpt_seconds}
@@ -537,7 +614,7 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
             outcome = "recovered" if events else "completed"
         if outcome != "diverged" and spec.evaluate_test:
             test_bpd = evaluate(
-                model, data["test"], cfg.train.eval_batch_size, run_state["amp"], cfg.train.channels_last
+                model, data["test"], cfg.train.eval_batch_size, run_state["amp"], cfg.train.channels_last, d
             )
             tracker.metrics({"test_bpd": test_bpd}, step=int(final_epoch))
         end_tags = {"outcome": outcome, "retries": run_state["retries"], "final_amp": run_state["amp"]}
@@ -549,7 +626,8 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
                 path.write_text(json.dumps(events, indent=1))
                 tracker.artifact(path, "events")
         tracker.tags(end_tags)
-        tracker.artifact(ckpt_dir / checkpoint.LAST, "checkpoint")
+        if d.main:
+            tracker.artifact(ckpt_dir / checkpoint.LAST, "checkpoint")
         val_last = history[-1]["val_bpd"] if history else math.nan
         summary = f"run {run_id}: {outcome}"
         if test_bpd is not None:
@@ -573,7 +651,9 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         status = "FAILED"
         raise
     finally:
-        client.set_terminated(run_id, status)
+        if client is not None:
+            client.set_terminated(run_id, status)
+        distributed.shutdown(d)
 
 
 def _log_samples(model, tracker: _Tracker, epoch: int) -> None:

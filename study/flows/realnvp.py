@@ -167,7 +167,12 @@ class RealNVP(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) in nats, (N,): standard-normal log-density of z plus the log-det."""
-        z, log_det = self(x)
+        return self.log_density(*self(x))
+
+    @staticmethod
+    def log_density(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+        """log p(x) from the forward pass's (z, log_det); for callers that run forward through a
+        wrapper (DistributedDataParallel only syncs gradients of calls to forward)."""
         z = z.to(_logdet_dtype(z))
         prior = -0.5 * (z * z + math.log(2 * math.pi))
         return prior.flatten(1).sum(1) + log_det

@@ -1,0 +1,51 @@
+"""One run over two processes (torchrun, gloo on the CPU) follows the single-process curve."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _curve(store, experiment, key):
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)], run
+
+
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(store, tmp_path):
+    # batch norm off: PyTorch has no SyncBatchNorm on the CPU, so per-rank batch statistics would differ
+    sets = tiny_overrides(**{"train.epochs": 2, "stabilizers.st_batchnorm": False, "train.threads": 1})
+    common = ["train", "--preset", "demo", "--tracking-uri", store, "--device", "cpu", *sets]
+    one = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *common, "--experiment", "one",
+                          "--checkpoint-dir", str(tmp_path / "c1")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "run_study.py"), *common, "--experiment", "two",
+                          "--checkpoint-dir", str(tmp_path / "c2")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("epoch 2/2") == 1  # only rank 0 speaks
+    for key in ("train_bpd", "val_bpd"):
+        a, _ = _curve(store, "one", key)
+        b, run = _curve(store, "two", key)
+        assert len(a) == len(b) == 2
+        assert b == pytest.approx(a, abs=1e-4), key
+    _, run_one = _curve(store, "one", "val_bpd")
+    assert run.data.metrics["test_bpd"] == pytest.approx(run_one.data.metrics["test_bpd"], abs=1e-4)
+    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "completed"
+
+
+def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "run_study.py"), "train", "--device", "cpu", "--set", "train.batch_size=33",
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode != 0 and "must be divisible by the 2 processes" in out.stderr
+    assert not (tmp_path / "x.db").exists()
