@@ -110,7 +110,8 @@ def _pruner(search: Search):
     if not isinstance(search.pruner, str):
         return search.pruner
     if search.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        # from the first epoch on: short CPU searches have only a few epochs to save
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
     if search.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search.base.train.epochs)
     return optuna.pruners.NopPruner()
