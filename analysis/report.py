@@ -91,7 +91,7 @@ def _conclusions(eff: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     for _, t in table.iterrows():
         if t["diverged"]:
             lines.append(f"- `{t['variant']}` diverged in {int(t['diverged'])} of {int(t['runs'])} runs "
-                         f"(first non-finite epoch {t['first_nonfinite_epoch']}).")  # fmt: skip
+                         f"(first non-finite epoch {int(t['first_nonfinite_epoch'])}).")  # fmt: skip
     return lines
 
 
@@ -181,7 +181,7 @@ def generate_report(
         figures.lr_search(lr_trials, fig_dir / "lr_search.png")
 
     first = runs.iloc[0]
-    epochs = sorted(set(runs["epochs"]))
+    epochs = sorted({int(e) for e in runs.get("train.epochs", runs["epochs"])})  # configured, not reached
     seeds = sorted(set(runs["seed"]))
     commits = sorted(set(runs["git_commit"]) | set(parents["git_commit"].dropna()))
     window_used = sorted(set(table["window"]))

@@ -6,6 +6,7 @@ working directory with artifacts in ``mlartifacts/`` beside it (never the deprec
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -81,8 +82,10 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
+@functools.cache
 def git_commit() -> str:
-    """Short commit of this checkout, with -dirty when tracked files are modified."""
+    """Short commit of this checkout, with -dirty when tracked files are modified, read once per
+    process: a long-lived worker runs the code it imported, whatever the checkout becomes later."""
     try:
         commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
         return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
