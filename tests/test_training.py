@@ -123,16 +123,23 @@ def _cli(store, tmp_path, *extra, env=None):
     )
 
 
-def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
+def _kill_after(store, tmp_path, prefix: str, sig=signal.SIGKILL):
+    """Start a 4-epoch CLI run, send ``sig`` when a stdout line starts with ``prefix``; return the
+    client and the run (and stderr for SIGINT, which the command handles itself)."""
     proc = _cli(store, tmp_path)
     for line in proc.stdout:
-        if line.startswith("epoch 2/4"):
-            proc.send_signal(signal.SIGKILL)  # mid-way through epoch 3
+        if line.startswith(prefix):
+            proc.send_signal(sig)
             break
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == (130 if sig == signal.SIGINT else -sig)
     client = mlflow.MlflowClient(store)
     (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    return (client, run, err) if sig == signal.SIGINT else (client, run)
+
+
+def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
+    client, run = _kill_after(store, tmp_path, "epoch 2/4")  # mid-way through epoch 3
     assert run.info.status == "RUNNING"  # what a killed process leaves
 
     resumed = _cli(store, tmp_path)
@@ -223,14 +230,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
 
 
 def test_resume_after_truncated_checkpoint_logs_each_epoch_once(store, tmp_path):
-    proc = _cli(store, tmp_path)
-    for line in proc.stdout:
-        if line.startswith("epoch 3/4"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    client = mlflow.MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    client, run = _kill_after(store, tmp_path, "epoch 3/4")
     last = Path(run.data.tags["checkpoint_dir"]) / checkpoint.LAST
     last.write_bytes(last.read_bytes()[:100])
     resumed = _cli(store, tmp_path)
@@ -292,14 +292,7 @@ def test_sample_command_writes_a_grid(store, tmp_path):
 
 
 def test_resume_by_run_id_and_unknown_id(store, tmp_path):
-    proc = _cli(store, tmp_path)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/4"):
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait()
-    client = mlflow.MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    client, run = _kill_after(store, tmp_path, "epoch 1/4")
     cmd = [sys.executable, str(ROOT / "run_study.py"), "train", "--tracking-uri", store, "--device", "cpu",
            "--resume", run.info.run_id]  # fmt: skip
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -311,13 +304,6 @@ def test_resume_by_run_id_and_unknown_id(store, tmp_path):
 
 
 def test_ctrl_c_marks_the_run_killed_and_exits_130(store, tmp_path):
-    proc = _cli(store, tmp_path)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/4"):
-            proc.send_signal(signal.SIGINT)
-            break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "run the same command again" in err
-    client = mlflow.MlflowClient(store)
-    (run,) = client.search_runs([client.get_experiment_by_name("kill").experiment_id])
+    client, run, err = _kill_after(store, tmp_path, "epoch 1/4", signal.SIGINT)
+    assert "run the same command again" in err
     assert run.info.status == "KILLED"
