@@ -380,7 +380,9 @@ def sample(run_id, temperature, num, out, tracking_uri):
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--steps", type=int, default=5, show_default=True, help="timed steps after 2 warm-up steps")
 @click.option("--matrix", is_flag=True, help="run the useful amp x channels_last combinations in one table")
-def bench(size, device, amp, channels_last, compile_, batch, steps, matrix):
+@click.option("--log", "log_", is_flag=True, help="record the table as an MLflow run (experiment 'bench')")
+@TRACKING
+def bench(size, device, amp, channels_last, compile_, batch, steps, matrix, log_, tracking_uri):
     """Time the training step and the evaluation pass; print images/s, GFLOP/s and peak memory."""
     import pandas as pd
 
@@ -395,6 +397,8 @@ def bench(size, device, amp, channels_last, compile_, batch, steps, matrix):
         _fail(str(e))
     click.echo(f"{size} size: {results[0].params_m:.2f} M parameters")
     click.echo(pd.DataFrame([r.row() for r in results]).to_string(index=False))
+    if log_:
+        click.echo(f"logged as MLflow run {b.log_results(results, tracking_uri)}")
 
 
 if __name__ == "__main__":

@@ -151,3 +151,32 @@ def matrix(size: str, device: str, batch: int, steps: int, compile: bool = False
     dev = resolve_device(device)
     combos = MATRIX + ([("fp16", True)] if dev.type == "cuda" else [])
     return [bench(size, device, amp, cl, compile, batch, steps) for amp, cl in combos]
+
+
+def log_results(results: list[BenchResult], tracking_uri: str | None, experiment: str = "bench") -> str:
+    """Record a bench table as one MLflow run: the machine and torch as tags, one metric per
+    combination and quantity (e.g. ``bf16_cl.train_ips``). Returns the run id."""
+    import platform
+
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    from study.tracking import git_commit, setup
+
+    setup(tracking_uri, experiment)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    first = results[0]
+    tags = {"kind": "bench", "size": first.size, "device": first.device, "torch_version": torch.__version__,
+            "threads": str(torch.get_num_threads()), "machine": platform.processor() or platform.machine(),
+            "git_commit": git_commit()}  # fmt: skip
+    run = client.create_run(exp.experiment_id, tags=tags, run_name=f"bench-{first.size}-{first.device}")
+    metrics = []
+    for r in results:
+        name = f"{r.amp}{'_cl' if r.channels_last else ''}{'_compile' if r.compiled else ''}"
+        for key in ("train_ips", "train_ips_lo", "train_ips_hi", "eval_ips", "train_gflops", "peak_memory_mb"):
+            metrics.append(Metric(f"{name}.{key}", float(getattr(r, key)), 0, 0))
+    params = [Param("batch", str(first.batch)), Param("params_m", f"{first.params_m:.3f}")]
+    client.log_batch(run.info.run_id, metrics=metrics, params=params)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

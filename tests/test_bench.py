@@ -36,3 +36,15 @@ def test_bench_cli_prints_a_table_and_rejects_fp16_on_cpu():
     assert "train img/s" in out.stdout and "bf16" in out.stdout
     bad = CliRunner().invoke(run_study.cli, ["bench", "--device", "cpu", "--amp", "fp16"])
     assert bad.exit_code == 2 and "needs CUDA" in bad.stderr
+
+
+def test_bench_log_records_an_mlflow_run(store):
+    import mlflow
+
+    out = CliRunner().invoke(run_study.cli, ["bench", "--size", "demo", "--device", "cpu", "--batch", "4",
+                                             "--steps", "1", "--log", "--tracking-uri", store])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    run_id = out.stdout.strip().split()[-1]
+    run = mlflow.MlflowClient(store).get_run(run_id)
+    assert run.data.tags["kind"] == "bench" and run.data.tags["size"] == "demo"
+    assert run.data.metrics["off.train_ips"] > 0 and run.data.params["batch"] == "4"
