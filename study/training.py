@@ -80,13 +80,17 @@ def run_key(variant: str, cfg: Config) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto, cpu, cuda or cuda:N (the ablation gives each worker its own GPU that way)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
+    kind, _, index = name.partition(":")
+    if name == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device(name)
+    raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
 
 
 def check_amp(amp: str, device: torch.device) -> None:
