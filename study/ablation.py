@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -21,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.ablation import Variant, get_study
+from study import workers as workers_mod
 from study.config import Config, ConfigError, apply_values, flatten
+from study.workers import heartbeat_storage
 
 HEARTBEAT_S = 10  # a worker's trial is stale after GRACE_S without a heartbeat
 GRACE_S = 30
-MAX_RETRY = 3
 
 
 @dataclass
@@ -126,19 +126,7 @@ def describe(plan: Plan) -> str:
 
 
 def _storage(plan: Plan):
-    import warnings
-
-    import optuna
-
-    # heartbeats and the stale-trial retry are marked experimental; they are what we rely on
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-    return optuna.storages.RDBStorage(
-        plan.storage,
-        heartbeat_interval=plan.heartbeat,
-        grace_period=plan.grace,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-    )
+    return heartbeat_storage(plan.storage, plan.heartbeat, plan.grace)
 
 
 def _sampler(plan: Plan):
@@ -158,7 +146,6 @@ def prepare(plan: Plan) -> str:
 
     from study.tracking import setup
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     _, exp_id = setup(plan.tracking_uri, plan.experiment)
     optuna.create_study(study_name=plan.optuna_name, storage=_storage(plan), load_if_exists=True)
     client = mlflow.MlflowClient()
@@ -182,7 +169,6 @@ def prepare(plan: Plan) -> str:
 def _load_study(plan: Plan):
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.load_study(study_name=plan.optuna_name, storage=_storage(plan), sampler=_sampler(plan))
 
 
@@ -350,7 +336,6 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
 
     parent = prepare(plan)
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
     last = None
     try:
         while True:
@@ -358,10 +343,7 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
             if workers == 1:
                 work(plan, parent, 0, echo, progress=True)
             else:
-                ctx = multiprocessing.get_context("spawn")
-                procs = [ctx.Process(target=_worker_main, args=(plan, parent, i, threads)) for i in range(workers)]
-                for p in procs:
-                    p.start()
+                procs = workers_mod.start(_worker_main, workers, plan, parent)
                 while any(p.is_alive() for p in procs):
                     time.sleep(poll_s)
                     last = _print_progress(plan, echo, last)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import multiprocessing
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from study import workers as workers_mod
 from study.config import Config, ConfigError, apply_values, flatten
+from study.workers import heartbeat_storage
 
 SAMPLERS = ("tpe", "grid", "gp")
 PRUNERS = ("median", "hyperband", "none")
@@ -78,15 +78,7 @@ def make_search(
 
 
 def _storage(search: Search):
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna.storages.RDBStorage(
-        search.storage, heartbeat_interval=search.heartbeat, grace_period=search.grace,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3),
-    )  # fmt: skip
+    return heartbeat_storage(search.storage, search.heartbeat, search.grace)
 
 
 def _sampler(search: Search, worker: int, existing: int = 0):
@@ -124,7 +116,6 @@ def prepare(search: Search) -> str:
 
     from study.tracking import git_commit, setup
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     _, exp_id = setup(search.tracking_uri, search.experiment)
     optuna.create_study(study_name=search.name, storage=_storage(search), direction="minimize",
                         load_if_exists=True)  # fmt: skip
@@ -178,9 +169,9 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
 
     if threads:
         torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    existing = len(optuna.load_study(study_name=search.name, storage=_storage(search)).trials)
-    study = optuna.load_study(study_name=search.name, storage=_storage(search),
+    storage = _storage(search)
+    existing = len(optuna.load_study(study_name=search.name, storage=storage).trials)
+    study = optuna.load_study(study_name=search.name, storage=storage,
                               sampler=_sampler(search, worker, existing), pruner=_pruner(search))  # fmt: skip
     splits = load_splits(search.base.data)
 
@@ -263,12 +254,7 @@ def run(search: Search, workers: int = 1, echo: Callable[[str], None] = print):
             if workers == 1:
                 work(search, parent, 0, echo)
             else:
-                threads = max(1, (os.cpu_count() or 1) // workers)
-                ctx = multiprocessing.get_context("spawn")
-                procs = [ctx.Process(target=_worker_main, args=(search, parent, i, threads)) for i in range(workers)]
-                for p in procs:
-                    p.start()
-                for p in procs:
+                for p in workers_mod.start(_worker_main, workers, search, parent):
                     p.join()
             study = optuna.load_study(study_name=search.name, storage=_storage(search))
             optuna.storages.fail_stale_trials(study)

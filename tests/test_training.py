@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from study import checkpoint
-from study.config import Config, apply_values, flatten
-from study.training import CRASH_ENV, POISON_ENV, RunSpec, lr_at, train
+from study.config import Config, ConfigError, apply_values, flatten
+from study.training import CRASH_ENV, POISON_ENV, RunSpec, lr_at, resolve_device, train
 from tests.conftest import TINY_RUN, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +52,16 @@ def spec(store, tmp_path, experiment="t", **extra) -> RunSpec:
 
 def history(client, run_id, key):
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_resolve_device_names_and_errors():
+    assert resolve_device("cpu").type == "cpu"
+    for name, message in [("gpu", "use auto, cpu, cuda or cuda:N"), ("cuda:x", "use auto, cpu, cuda or cuda:N")]:
+        with pytest.raises(ConfigError, match=message):
+            resolve_device(name)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda:1")
 
 
 def test_lr_schedule_warms_up_linearly():
@@ -152,18 +162,7 @@ def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
     assert [s for s, _ in val] == [1, 2, 3, 4]
 
     # the same seed without interruption, in-process with the same thread count: identical curve
-    reference = train(
-        RunSpec(
-            cfg=apply_values(Config(), {**TINY_RUN, "train.epochs": 4}),
-            preset="demo",
-            experiment="ref",
-            tracking_uri=store,
-            device="cpu",
-            checkpoint_root=tmp_path / "ref",
-            echo=lambda s: None,
-            progress=False,
-        )
-    )
+    reference = train(spec(store, tmp_path / "ref", experiment="ref", **{"train.epochs": 4}))
     ref_val = history(client, reference.run_id, "val_bpd")
     assert val == ref_val
     assert history(client, run.info.run_id, "train_bpd") == history(client, reference.run_id, "train_bpd")

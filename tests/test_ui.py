@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from study.training import RunSpec, train
-from tests.test_training import tiny_cfg
+from study.training import train
+from tests.test_training import spec
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,17 +45,7 @@ def _wait_for(url: str, seconds: float = 90) -> None:
 def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    result = train(
-        RunSpec(
-            cfg=tiny_cfg(**{"train.epochs": 2}),
-            experiment="ui-check",
-            tracking_uri=store,
-            device="cpu",
-            checkpoint_root=tmp_path / "ckpt",
-            echo=lambda s: None,
-            progress=False,
-        )
-    )
+    result = train(spec(store, tmp_path, experiment="ui-check", **{"train.epochs": 2}))
     port = _free_port()
     ui = subprocess.Popen(
         [sys.executable, str(ROOT / "run_study.py"), "ui", "--tracking-uri", store, "--port", str(port)],
