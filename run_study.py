@@ -377,26 +377,28 @@ def sample(run_id, temperature, num, out, tracking_uri):
 @click.option("--amp", type=click.Choice(["off", "fp16", "bf16"]), default="off", show_default=True)
 @click.option("--channels-last", is_flag=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile log_prob (a cold compile takes ~1 min)")
+@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]), default="default",
+              show_default=True, help="with --compile; reduce-overhead adds CUDA graphs on a GPU")  # fmt: skip
+@click.option("--model", "arch", type=click.Choice(["ours", "usual-repro"]), default="ours", show_default=True,
+              help="usual-repro: the usual PyTorch reproduction's s/t net shape (the targets' baseline)")  # fmt: skip
 @click.option("--batch", type=int, default=16, show_default=True)
 @click.option("--steps", type=int, default=5, show_default=True, help="timed steps after 2 warm-up steps")
-@click.option("--matrix", is_flag=True, help="run the useful amp x channels_last combinations in one table")
+@click.option("--matrix", is_flag=True, help="usual-repro fp32, then ours in each amp x channels_last, in one table")
 @click.option("--log", "log_", is_flag=True, help="record the table as an MLflow run (experiment 'bench')")
 @TRACKING
-def bench(size, device, amp, channels_last, compile_, batch, steps, matrix, log_, tracking_uri):
+def bench(size, device, amp, channels_last, compile_, compile_mode, arch, batch, steps, matrix, log_, tracking_uri):
     """Time the training step and the evaluation pass; print images/s, GFLOP/s and peak memory."""
-    import pandas as pd
-
     from study import bench as b
 
+    mode = compile_mode if compile_ else "off"
     try:
         if matrix:
-            results = b.matrix(size, device, batch, steps, compile_)
+            results = b.matrix(size, device, batch, steps, mode)
         else:
-            results = [b.bench(size, device, amp, channels_last, compile_, batch, steps)]
+            results = [b.bench(size, device, amp, channels_last, mode, batch, steps, arch=arch)]
     except (ConfigError, ValueError) as e:
         _fail(str(e))
-    click.echo(f"{size} size: {results[0].params_m:.2f} M parameters")
-    click.echo(pd.DataFrame([r.row() for r in results]).to_string(index=False))
+    click.echo(b.table(results).to_string(index=False))
     if log_:
         click.echo(f"logged as MLflow run {b.log_results(results, tracking_uri)}")
 

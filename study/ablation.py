@@ -21,7 +21,7 @@ from pathlib import Path
 
 from experiments.ablation import Variant, get_study
 from study import workers as workers_mod
-from study.config import Config, ConfigError, apply_values, flatten
+from study.config import Config, ConfigError, apply_values, flatten, identity
 from study.workers import heartbeat_storage
 
 HEARTBEAT_S = 10  # a worker's trial is stale after GRACE_S without a heartbeat
@@ -48,7 +48,7 @@ class Plan:
     @property
     def key(self) -> str:
         """Identity of the study's parent run: study, preset and base config (not the grid)."""
-        blob = json.dumps({"study": self.study, "base": flatten(self.base)}, sort_keys=True)
+        blob = json.dumps({"study": self.study, "base": identity(self.base)}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     @property

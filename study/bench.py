@@ -7,9 +7,11 @@ the forward), and peak memory. Compare configurations within one run of the same
 
 from __future__ import annotations
 
+import math
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -17,7 +19,7 @@ import torch
 
 from study.config import Config, apply_values
 from study.flows import build_model, forward_flops_per_image
-from study.training import autocast, check_amp, resolve_device, train_step
+from study.training import autocast, check_amp, compile_fn, resolve_device, train_step
 
 SIZES = {  # (num_scales, mid_channels, num_blocks)
     "paper": (2, 64, 8),
@@ -26,13 +28,17 @@ SIZES = {  # (num_scales, mid_channels, num_blocks)
 }
 
 
+ARCHS = ("ours", "usual-repro")  # usual-repro: study.reference_model, the target's baseline
+
+
 @dataclass
 class BenchResult:
+    arch: str
     size: str
     device: str
     amp: str
     channels_last: bool
-    compiled: bool
+    compiled: str  # off, or the torch.compile mode
     batch: int
     train_ips: float  # images/s, median
     train_ips_lo: float  # 25th percentile
@@ -44,7 +50,9 @@ class BenchResult:
 
     def row(self) -> dict:
         return {
+            "model": self.arch,
             "size": self.size,
+            "params M": round(self.params_m, 2),
             "device": self.device,
             "amp": self.amp,
             "channels_last": self.channels_last,
@@ -70,72 +78,140 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(values), q[2]
 
 
-def bench(
+@dataclass
+class Prepared:
+    """A model set up for timing: ``step()`` runs one training step exactly as the loop does,
+    ``evaluate()`` one evaluation forward pass. scripts/bench_optimisations.py wraps these to time
+    the "before" of each optimisation."""
+
+    model: torch.nn.Module
+    step: Callable[[], object]
+    evaluate: Callable[[], object]
+    device: torch.device
+    flops: float  # forward FLOPs per image
+    params_m: float
+
+
+def prepare(
     size: str = "demo",
     device: str = "auto",
     amp: str = "off",
     channels_last: bool = False,
-    compile: bool = False,
+    compile: str = "off",
     batch: int = 16,
-    steps: int = 5,
-    warmup: int = 2,
     image_size: int = 32,
-) -> BenchResult:
+    arch: str = "ours",
+    overrides: dict | None = None,
+) -> Prepared:
+    """Build a model of ``size`` (``overrides``: further config values) with its optimizer and a
+    fixed batch. ``compile`` is off or a torch.compile mode."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
-    if batch < 2 or steps < 1 or warmup < 0:
-        raise ValueError("--batch must be >= 2, --steps >= 1 and --warmup >= 0")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown model {arch!r}: use one of {', '.join(ARCHS)}")
+    if batch < 2:
+        raise ValueError("--batch must be >= 2 (batch norm needs a batch)")
     dev = resolve_device(device)
     check_amp(amp, dev)
     scales, mid, blocks = SIZES[size]
-    cfg = apply_values(Config(), {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks})
+    values = {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks}
+    cfg = apply_values(Config(), {**values, **(overrides or {})})
     torch.manual_seed(0)
-    model = build_model(cfg, image_size=image_size).to(dev)
+    model = build_model(cfg, image_size=image_size)
+    if arch == "usual-repro":
+        from study.reference_model import reference_shaped
+
+        model = reference_shaped(model)
+    model = model.to(dev)
     flops = forward_flops_per_image(model, batch=1)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     # compiling log_prob itself: torch.compile(model) would only compile forward()
-    log_prob = torch.compile(model.log_prob) if compile else model.log_prob
+    log_prob = model.log_prob if compile == "off" else compile_fn(model.log_prob, compile)
     stepper = SimpleNamespace(log_prob=log_prob)  # all train_step needs of a model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-    l2_params = model.l2_parameters()
+    stab = cfg.stabilizers
+    l2_params = model.l2_parameters() if stab.l2 > 0 else []
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.rand((batch, 3, image_size, image_size), generator=gen, device=dev).contiguous(memory_format=fmt)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
 
-    # the training step exactly as the loop runs it
+    def step():
+        model.train()
+        return train_step(stepper, opt, scaler, x, amp, stab.l2, l2_params, stab.grad_clip or math.inf)
+
+    @torch.no_grad()
+    def evaluate():
+        model.eval()
+        with autocast(amp, dev):
+            return log_prob(x)
+
+    return Prepared(model, step, evaluate, dev, flops, params_m)
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, steps: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of ``fn`` for ``steps`` calls after ``warmup`` untimed ones."""
+    if steps < 1 or warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
     times = []
     for i in range(warmup + steps):
-        _sync(dev)
+        _sync(device)
         t0 = time.perf_counter()
-        train_step(stepper, opt, scaler, x, amp, 5e-5, l2_params, 100.0)
-        _sync(dev)
+        fn()
+        _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    lo, mid_ips, hi = _quartiles(sorted(batch / t for t in times))
+    return times
 
-    model.eval()
-    eval_times = []
-    with torch.no_grad():
-        for i in range(warmup + steps):
-            _sync(dev)
-            t0 = time.perf_counter()
-            with autocast(amp, dev):
-                log_prob(x)
-            _sync(dev)
-            if i >= warmup:
-                eval_times.append(time.perf_counter() - t0)
-    eval_ips = batch / statistics.median(eval_times)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(dev) / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark
+    (writing 5 to /proc/self/clear_refs), so each row of a matrix reports its own peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then covers the whole process
+        pass
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def bench(
+    size: str = "demo",
+    device: str = "auto",
+    amp: str = "off",
+    channels_last: bool = False,
+    compile: str = "off",
+    batch: int = 16,
+    steps: int = 5,
+    warmup: int = 2,
+    image_size: int = 32,
+    arch: str = "ours",
+) -> BenchResult:
+    """Time one configuration: the training step, then the evaluation pass."""
+    dev = resolve_device(device)
+    reset_peak_memory(dev)
+    p = prepare(size, device, amp, channels_last, compile, batch, image_size, arch)
+    lo, mid_ips, hi = _quartiles(sorted(batch / t for t in time_calls(p.step, dev, steps, warmup)))
+    eval_ips = batch / statistics.median(time_calls(p.evaluate, dev, steps, warmup))
     return BenchResult(
-        size, str(dev), amp, channels_last, compile, batch, mid_ips, lo, hi, eval_ips,
-        3 * flops * mid_ips / 1e9, peak, params_m,
+        arch, size, str(dev), amp, channels_last, compile, batch, mid_ips, lo, hi, eval_ips,
+        3 * p.flops * mid_ips / 1e9, peak_memory_mb(dev), p.params_m,
     )  # fmt: skip
 
 
@@ -147,10 +223,24 @@ MATRIX = [  # the useful combinations on a CPU; a GPU adds fp16
 ]
 
 
-def matrix(size: str, device: str, batch: int, steps: int, compile: bool = False) -> list[BenchResult]:
+def matrix(size: str, device: str, batch: int, steps: int, compile: str = "off") -> list[BenchResult]:
+    """The usual reproduction's shape in fp32 first (the baseline of the targets), then ours in every
+    useful precision x memory format."""
     dev = resolve_device(device)
     combos = MATRIX + ([("fp16", True)] if dev.type == "cuda" else [])
-    return [bench(size, device, amp, cl, compile, batch, steps) for amp, cl in combos]
+    baseline = bench(size, device, "off", False, "off", batch, steps, arch="usual-repro")
+    return [baseline] + [bench(size, device, amp, cl, compile, batch, steps) for amp, cl in combos]
+
+
+def table(results: list[BenchResult]):
+    """The results as a DataFrame; with a usual-repro row, each row's training rate relative to it."""
+    import pandas as pd
+
+    df = pd.DataFrame([r.row() for r in results])
+    base = [r.train_ips for r in results if r.arch == "usual-repro"]
+    if base:
+        df["x usual-repro"] = [round(r.train_ips / base[0], 2) for r in results]
+    return df
 
 
 def log_results(results: list[BenchResult], tracking_uri: str | None, experiment: str = "bench") -> str:
@@ -173,7 +263,7 @@ def log_results(results: list[BenchResult], tracking_uri: str | None, experiment
     run = client.create_run(exp.experiment_id, tags=tags, run_name=f"bench-{first.size}-{first.device}")
     metrics = []
     for r in results:
-        name = f"{r.amp}{'_cl' if r.channels_last else ''}{'_compile' if r.compiled else ''}"
+        name = f"{r.arch}.{r.amp}{'_cl' if r.channels_last else ''}{'' if r.compiled == 'off' else '_' + r.compiled}"
         for key in ("train_ips", "train_ips_lo", "train_ips_hi", "eval_ips", "train_gflops", "peak_memory_mb"):
             metrics.append(Metric(f"{name}.{key}", float(getattr(r, key)), 0, 0))
     params = [Param("batch", str(first.batch)), Param("params_m", f"{first.params_m:.3f}")]

@@ -119,6 +119,10 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # torch.set_num_threads; 0: leave torch's default (logged either way)
     channels_last: bool = False
+    # torch.compile of log_prob for training and evaluation: off, default, reduce-overhead (adds CUDA
+    # graphs on a GPU) or max-autotune. A cold compile costs about a minute on a CPU. It changes how
+    # fast, not what is computed (tests/test_fast_paths.py), so it is not part of a run's identity.
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
     sample_every: int = 5  # epochs between sample grids (and one at the end)
 
 
@@ -132,6 +136,11 @@ class Config:
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 
+# Settings that change only how fast a run goes, left out of the identity of runs, studies and searches,
+# so a run may be resumed with or without them. (channels_last and threads are execution-only too, but
+# they were part of identities before this list existed; moving them would orphan recorded runs.)
+EXECUTION_ONLY = ("train.compile",)
+
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"section.key": value}`` for every field: MLflow params and pandas columns use these names."""
@@ -140,6 +149,11 @@ def flatten(cfg: Config) -> dict[str, Any]:
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             flat[f"{section}.{key}"] = value
     return flat
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """The settings that define what a run computes: :func:`flatten` without EXECUTION_ONLY keys."""
+    return {k: v for k, v in flatten(cfg).items() if k not in EXECUTION_ONLY}
 
 
 def unflatten(flat: dict[str, Any]) -> Config:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from study import workers as workers_mod
-from study.config import Config, ConfigError, apply_values, flatten
+from study.config import Config, ConfigError, apply_values, identity
 from study.workers import heartbeat_storage
 
 SAMPLERS = ("tpe", "grid", "gp")
@@ -45,7 +45,7 @@ class Search:
 
     @property
     def name(self) -> str:
-        blob = json.dumps({"base": flatten(self.base), "range": [self.low, self.high], "sampler": self.sampler,
+        blob = json.dumps({"base": identity(self.base), "range": [self.low, self.high], "sampler": self.sampler,
                            "warmup": self.search_warmup, "trials": self.trials if self.sampler == "grid" else None},
                           sort_keys=True)  # fmt: skip
         return f"lr-{self.variant}-{self.preset}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from study import checkpoint
-from study.config import Config, ConfigError, flatten, unflatten
+from study.config import Config, ConfigError, flatten, identity, unflatten
 from study.data import ImageSplits, eval_batches, load_splits, train_batches
 from study.distributed import SINGLE, Dist, all_sum, shard
 from study.metrics import bits_per_dim
@@ -75,7 +75,7 @@ class RunResult:
 
 
 def run_key(variant: str, cfg: Config) -> str:
-    blob = json.dumps({"variant": variant, "config": flatten(cfg)}, sort_keys=True)
+    blob = json.dumps({"variant": variant, "config": identity(cfg)}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -96,6 +96,11 @@ def resolve_device(name: str) -> torch.device:
 def check_amp(amp: str, device: torch.device) -> None:
     if amp == "fp16" and device.type != "cuda":
         raise ConfigError("stabilizers.amp=fp16 needs CUDA (GradScaler); on the CPU use stabilizers.amp=bf16")
+
+
+def compile_fn(fn, mode: str):
+    """torch.compile ``fn`` (e.g. a model's log_prob) in one of TrainConfig.compile's modes."""
+    return torch.compile(fn, mode=None if mode == "default" else mode)
 
 
 def autocast(amp: str, device: torch.device):
@@ -342,6 +347,8 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     check_amp(cfg.stabilizers.amp, device)
     if d.enabled and resume_run_id is not None:
         raise ConfigError("--resume under torchrun: re-run the same command instead (the run identity resumes it)")
+    if d.enabled and cfg.train.compile != "off":
+        raise ConfigError("train.compile under torchrun is not supported: set train.compile=off")
     if d.enabled and cfg.train.batch_size % d.world:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {d.world} processes")
     if resume_run_id is None:
@@ -421,6 +428,8 @@ def _build(cfg: Config, splits: ImageSplits, device: torch.device):
     model = build_model(cfg, in_channels=channels, image_size=size).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile != "off":  # compiles lazily, at the first step; state dicts are unaffected
+        model.log_prob = compile_fn(model.log_prob, cfg.train.compile)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     run_state = {"amp": cfg.stabilizers.amp, "lr_factor": 1.0, "retries": 0, "events": []}

@@ -47,4 +47,27 @@ def test_bench_log_records_an_mlflow_run(store):
     run_id = out.stdout.strip().split()[-1]
     run = mlflow.MlflowClient(store).get_run(run_id)
     assert run.data.tags["kind"] == "bench" and run.data.tags["size"] == "demo"
-    assert run.data.metrics["off.train_ips"] > 0 and run.data.params["batch"] == "4"
+    assert run.data.metrics["ours.off.train_ips"] > 0 and run.data.params["batch"] == "4"
+
+
+def test_usual_repro_stand_in_has_the_published_size():
+    """The baseline of the speed targets has the usual reproduction's 19.6 M parameters and 12.9 GFLOP
+    per forward image (../shared/design/REFERENCE.md), against our 18.52 M / 12.19 GFLOP."""
+    from study.config import Config
+    from study.flows import build_model, forward_flops_per_image, num_parameters
+    from study.reference_model import reference_shaped
+
+    ours = build_model(Config())
+    assert round(num_parameters(ours) / 1e6, 2) == 18.52
+    ref = reference_shaped(build_model(Config()))
+    assert round(num_parameters(ref) / 1e6, 1) == 19.6
+    assert round(forward_flops_per_image(ref, batch=1) / 1e9, 1) == 12.9
+
+
+def test_bench_matrix_puts_the_baseline_first_with_ratios():
+    out = CliRunner().invoke(run_study.cli, ["bench", "--size", "demo", "--device", "cpu", "--batch", "4",
+                                             "--steps", "1", "--matrix"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    lines = out.stdout.strip().splitlines()
+    assert "x usual-repro" in lines[0] and lines[1].split()[0] == "usual-repro" and lines[1].split()[-1] == "1.00"
+    assert [line.split()[0] for line in lines[2:]] == ["ours"] * 4

@@ -46,3 +46,35 @@ def test_apply_values_accepts_typed_values_and_rejects_wrong_types():
         apply_values(Config(), {"train.epochs": 2.5})
     with pytest.raises(ConfigError, match="expected bool"):
         apply_values(Config(), {"data.flip": 1})
+
+
+def test_execution_only_settings_leave_identities_alone():
+    from study.config import identity
+    from study.training import run_key
+
+    cfg = Config()
+    fast = apply_values(cfg, {"train.compile": "reduce-overhead"})
+    assert run_key("v", fast) == run_key("v", cfg) and identity(fast) == identity(cfg)
+    assert run_key("v", apply_values(cfg, {"train.lr": 2e-3})) != run_key("v", cfg)
+
+
+def test_recorded_runs_keep_their_identity(tmp_path):
+    """Adding a config field must not orphan recorded runs: every run of the committed study still
+    hashes to the run_key it was tagged with, so `ablation` resumes it instead of training it again."""
+    import shutil
+    from pathlib import Path
+
+    import mlflow
+
+    from study.config import SECTIONS
+    from study.training import run_key
+
+    db = tmp_path / "mlflow.db"  # a copy: opening a store may migrate its schema in place
+    shutil.copy(Path(__file__).resolve().parents[1] / "studies" / "cifar-cpu" / "mlflow.db", db)
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if "run_key" in r.data.tags]  # fmt: skip
+    assert len(runs) >= 33
+    for r in runs:
+        params = {k: v for k, v in r.data.params.items() if k.partition(".")[0] in SECTIONS}
+        assert run_key(r.data.tags["variant"], apply_values(Config(), params)) == r.data.tags["run_key"]

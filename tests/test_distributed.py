@@ -49,3 +49,15 @@ def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
                          text=True, timeout=300)  # fmt: skip
     assert out.returncode != 0 and "must be divisible by the 2 processes" in out.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_compile_under_torchrun_is_a_one_line_error(monkeypatch, tmp_path):
+    from study.config import ConfigError
+    from study.training import train
+    from tests.test_training import spec
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.compile=off"):
+        train(spec(f"sqlite:///{tmp_path}/never.db", tmp_path, **{"train.compile": "default"}))
+    assert not (tmp_path / "never.db").exists()  # refused before anything was written

@@ -306,3 +306,15 @@ def test_ctrl_c_marks_the_run_killed_and_exits_130(store, tmp_path):
     client, run, err = _kill_after(store, tmp_path, "epoch 1/4", signal.SIGINT)
     assert "run the same command again" in err
     assert run.info.status == "KILLED"
+
+
+# a cold torch.compile of the training step and the evaluation pass: about a minute on 2 CPU cores
+def test_compiled_run_matches_eager_and_shares_its_identity(store, tmp_path):
+    one = {"train.epochs": 1}
+    eager = train(spec(store, tmp_path, "eager", **one))
+    compiled = train(spec(store, tmp_path, "compiled", **one, **{"train.compile": "default"}))
+    assert compiled.outcome == "completed" and abs(compiled.val_bpd - eager.val_bpd) < 1e-3
+    assert mlflow.MlflowClient(store).get_run(compiled.run_id).data.params["train.compile"] == "default"
+    # compile changes how fast, not what: the same run, already finished
+    again = train(spec(store, tmp_path, "eager", **one, **{"train.compile": "default"}))
+    assert again.already_done and again.run_id == eager.run_id
