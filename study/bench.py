@@ -8,7 +8,6 @@ the forward), and peak memory. Compare configurations within one run of the same
 from __future__ import annotations
 
 import math
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import torch
 
 from study.config import Config, apply_values
 from study.flows import build_model, forward_flops_per_image
+from study.memory import peak_memory_mb, reset_peak_memory
 from study.training import autocast, check_amp, compile_fn, resolve_device, train_step
 
 SIZES = {  # (num_scales, mid_channels, num_blocks)
@@ -101,10 +101,9 @@ def prepare(
     batch: int = 16,
     image_size: int = 32,
     arch: str = "ours",
-    overrides: dict | None = None,
 ) -> Prepared:
-    """Build a model of ``size`` (``overrides``: further config values) with its optimizer and a
-    fixed batch. ``compile`` is off or a torch.compile mode."""
+    """Build a model of ``size`` with its optimizer and a fixed batch. ``compile`` is off or a
+    torch.compile mode."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}: use one of {', '.join(SIZES)}")
     if arch not in ARCHS:
@@ -114,8 +113,7 @@ def prepare(
     dev = resolve_device(device)
     check_amp(amp, dev)
     scales, mid, blocks = SIZES[size]
-    values = {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks}
-    cfg = apply_values(Config(), {**values, **(overrides or {})})
+    cfg = apply_values(Config(), {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks})
     torch.manual_seed(0)
     model = build_model(cfg, image_size=image_size)
     if arch == "usual-repro":
@@ -163,32 +161,6 @@ def time_calls(fn: Callable[[], object], device: torch.device, steps: int, warmu
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return times
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator counter, or on Linux the process's RSS high-water mark
-    (writing 5 to /proc/self/clear_refs), so each row of a matrix reports its own peak."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not allowed: the peak then covers the whole process
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def bench(

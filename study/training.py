@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from study import checkpoint
 from study.config import Config, ConfigError, flatten, identity, unflatten
 from study.data import ImageSplits, eval_batches, load_splits, train_batches
 from study.distributed import SINGLE, Dist, all_sum, shard
+from study.memory import peak_memory_mb, reset_peak_memory
 from study.metrics import bits_per_dim
 
 POISON_ENV = "REALNVP_TEST_POISON_STEP"  # test hook: make the loss NaN at this global step, once per run
@@ -189,12 +189,6 @@ def train_step(
     else:
         opt.step()
     return StepResult(loss_v, nll_v, norm_v, True, skipped)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _test_crash_after_checkpoint(epoch: int) -> None:
@@ -501,8 +495,7 @@ def _loop(spec, cfg, splits, d, device, model, opt, scaler, gen, run_state, run_
             model.train()
             amp = run_state["amp"]
             t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            reset_peak_memory(device)
             nll_sum, norms, clipped, skipped, diverged = 0.0, [], 0, 0, None
             batches = train_batches(data["train"], cfg.train.batch_size, gen, flip=cfg.data.flip)
             bar = None
@@ -590,7 +583,7 @@ def _loop(spec, cfg, splits, d, device, model, opt, scaler, gen, run_state, run_
                 "skipped_steps": float(skipped),
                 "images_per_s": n_images / train_seconds,
                 "epoch_seconds": epoch_seconds,
-                "peak_memory_mb": _peak_memory_mb(device),
+                "peak_memory_mb": peak_memory_mb(device),
                 "amp_on": float(amp != "off"),
             }
             if scaler is not None:

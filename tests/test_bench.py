@@ -71,3 +71,21 @@ def test_bench_matrix_puts_the_baseline_first_with_ratios():
     lines = out.stdout.strip().splitlines()
     assert "x usual-repro" in lines[0] and lines[1].split()[0] == "usual-repro" and lines[1].split()[-1] == "1.00"
     assert [line.split()[0] for line in lines[2:]] == ["ours"] * 4
+
+
+def test_peak_memory_resets_between_rows():
+    import os
+
+    import pytest
+    import torch
+
+    from study.memory import peak_memory_mb, reset_peak_memory
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no writable /proc/self/clear_refs (not Linux): the peak covers the whole process there")
+    cpu = torch.device("cpu")
+    big = torch.ones(2**27)  # 512 MiB, touched
+    del big
+    before = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < before - 256
