@@ -19,5 +19,6 @@ for mode in default reduce-overhead; do  # reduce-overhead: CUDA graphs, kept on
   $PY run_study.py bench --size paper --device cuda --amp bf16 --channels-last --compile --compile-mode $mode \
     --batch 64 --steps 20 | tee "$OUT/bench-paper-compile-$mode.txt"
 done
+$PY scripts/bench_optimisations.py --size paper --device cuda --batch 64 --steps 20 | tee "$OUT/optimisations.txt"
 $PY run_study.py train --preset demo --device cuda --epochs 1 --set stabilizers.amp=bf16 --set train.compile=default \
   --experiment gpu-check --tracking-uri "sqlite:///$PWD/$OUT/mlflow.db" --checkpoint-dir "$OUT/ckpt" --fresh

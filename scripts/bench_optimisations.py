@@ -19,7 +19,6 @@ Prints a Markdown table for the README.
 """
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from study.bench import prepare, time_calls  # noqa: E402
+from study.bench import prepare, quartiles, time_calls  # noqa: E402
 from study.flows.coupling import _Coupling  # noqa: E402
 
 ROWS = []
@@ -37,8 +36,8 @@ ROWS = []
 
 def spread(rates: list[float]) -> tuple[float, str]:
     """Median and the 25th-75th percentile as text."""
-    q = statistics.quantiles(rates, n=4) if len(rates) > 1 else rates * 3
-    return statistics.median(rates), f"{q[0]:.1f}-{q[2]:.1f}"
+    lo, mid, hi = quartiles(rates)
+    return mid, f"{lo:.1f}-{hi:.1f}"
 
 
 def row(name: str, before: tuple[float, str], after: tuple[float, str], unit: str, note: str) -> None:
@@ -124,14 +123,15 @@ def data_path(args):
     return tuple(spread([n / t for t in time_calls(fn, device, 3, 1)]) for fn in (before, after))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="paper", choices=["paper", "small", "demo"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--compile-size", default="small", choices=["paper", "small", "demo"])
-    args = parser.parse_args()
+    parser.add_argument("--compile-size", default="small", choices=["paper", "small", "demo", "none"],
+                        help="size of the torch.compile row (none: leave it out)")  # fmt: skip
+    args = parser.parse_args(argv)
     t0 = time.perf_counter()
 
     row("model: usual-repro shape -> ours", *pair(args, step(args, arch="usual-repro"), step(args)), "img/s", "fp32")
@@ -144,8 +144,9 @@ def main() -> None:
     row("weight-norm caching (not kept)", *pair(args, step(args), cached_weight_norm(args)), "img/s",
         "parametrize.cached() per step")  # fmt: skip
     small = argparse.Namespace(**{**vars(args), "size": args.compile_size})
-    row(f"torch.compile ({args.compile_size} size)", *pair(small, step(small), step(small, compile="default")),
-        "img/s", "steady state, after a cold compile")  # fmt: skip
+    if args.compile_size != "none":
+        row(f"torch.compile ({args.compile_size} size)", *pair(small, step(small), step(small, compile="default")),
+            "img/s", "steady state, after a cold compile")  # fmt: skip
     before, after = data_path(args)
     row("data path: DataLoader -> device-resident batches", before, after, "img/s", "data only, batch 64")
 

@@ -71,7 +71,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """25th percentile, median, 75th percentile."""
     if len(values) < 2:
         return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=4)
@@ -179,7 +180,7 @@ def bench(
     dev = resolve_device(device)
     reset_peak_memory(dev)
     p = prepare(size, device, amp, channels_last, compile, batch, image_size, arch)
-    lo, mid_ips, hi = _quartiles(sorted(batch / t for t in time_calls(p.step, dev, steps, warmup)))
+    lo, mid_ips, hi = quartiles(sorted(batch / t for t in time_calls(p.step, dev, steps, warmup)))
     eval_ips = batch / statistics.median(time_calls(p.evaluate, dev, steps, warmup))
     return BenchResult(
         arch, size, str(dev), amp, channels_last, compile, batch, mid_ips, lo, hi, eval_ips,

@@ -89,3 +89,17 @@ def test_peak_memory_resets_between_rows():
     before = peak_memory_mb(cpu)
     reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < before - 256
+
+
+def test_bench_optimisations_script_prints_a_before_after_table():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "scripts/bench_optimisations.py", "--size", "demo", "--steps", "1", "--compile-size", "none"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "optimisation" not in line]
+    assert len(rows) == 7 and "data path" in rows[-1][1]
+    assert all(math.isfinite(float(r[4])) and float(r[4]) > 0 for r in rows)
