@@ -333,7 +333,6 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     any MLflow run or file is created.
     """
     from study import distributed
-    from study.tracking import find_run, setup
 
     cfg = spec.cfg
     d = distributed.from_env()
@@ -348,9 +347,25 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     if resume_run_id is None:
         splits = splits or load_splits(cfg.data)
     device = distributed.init(d, device)
-    if not d.main:
-        spec.echo = lambda _line: None  # one process speaks and logs
-        return _follow(spec, splits, d, device)
+    try:
+        if not d.main:
+            spec.echo = lambda _line: None  # one process speaks and logs
+            result = _follow(spec, splits, d, device)
+        else:
+            result = _lead(spec, splits, resume_run_id, d, device)
+    except BaseException:
+        distributed.shutdown(d, clean=False)
+        raise
+    distributed.shutdown(d, clean=True)
+    return result
+
+
+def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device: torch.device) -> RunResult:
+    """Rank 0 (or the only process): find or create the MLflow run, then train it."""
+    from study import distributed
+    from study.tracking import find_run, setup
+
+    cfg = spec.cfg
     uri, exp_id = setup(spec.tracking_uri, spec.experiment)
     import mlflow
 
@@ -659,7 +674,6 @@ def _loop(spec, cfg, splits, d, device, model, opt, scaler, gen, run_state, run_
     finally:
         if client is not None:
             client.set_terminated(run_id, status)
-        distributed.shutdown(d)
 
 
 def _log_samples(model, tracker: _Tracker, epoch: int) -> None:
