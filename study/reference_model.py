@@ -20,25 +20,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrizations
 
 from study.flows import RealNVP
 from study.flows.coupling import _Coupling
-
-
-def _wn_conv(cin: int, cout: int, kernel: int) -> nn.Module:
-    return parametrizations.weight_norm(nn.Conv2d(cin, cout, kernel, padding=kernel // 2))
-
-
-class _Block(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm1, self.conv1 = nn.BatchNorm2d(channels), _wn_conv(channels, channels, 3)
-        self.norm2, self.conv2 = nn.BatchNorm2d(channels), _wn_conv(channels, channels, 3)
-
-    def forward(self, h):
-        r = self.conv1(torch.relu(self.norm1(h)))
-        return h + self.conv2(torch.relu(self.norm2(r)))
+from study.flows.resnet import ResidualBlock, _conv
 
 
 class ReferenceSTNet(nn.Module):
@@ -46,12 +31,14 @@ class ReferenceSTNet(nn.Module):
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, num_blocks: int):
         super().__init__()
-        self.inp = _wn_conv(2 * in_channels, mid_channels, 3)
-        self.in_skip = _wn_conv(mid_channels, mid_channels, 1)
-        self.blocks = nn.ModuleList(_Block(mid_channels) for _ in range(num_blocks))
-        self.skips = nn.ModuleList(_wn_conv(mid_channels, mid_channels, 1) for _ in range(num_blocks))
+        # the same weight-normed convolutions and pre-activation blocks as ours (study.flows.resnet)
+        self.inp = _conv(2 * in_channels, mid_channels, 3, weight_norm=True)
+        self.in_skip = _conv(mid_channels, mid_channels, 1, weight_norm=True)
+        self.blocks = nn.ModuleList(ResidualBlock(mid_channels, weight_norm=True, batchnorm=True)
+                                    for _ in range(num_blocks))  # fmt: skip
+        self.skips = nn.ModuleList(_conv(mid_channels, mid_channels, 1, weight_norm=True) for _ in range(num_blocks))
         self.out_norm = nn.BatchNorm2d(mid_channels)
-        self.out = _wn_conv(mid_channels, out_channels, 1)
+        self.out = _conv(mid_channels, out_channels, 1, weight_norm=True)
 
     def forward(self, x):
         h = self.inp(torch.cat((x, -x), dim=1))
