@@ -399,6 +399,7 @@ def bench(size, device, amp, channels_last, compile_, compile_mode, arch, batch,
     except (ConfigError, ValueError) as e:
         _fail(str(e))
     click.echo(b.table(results).to_string(index=False))
+    click.echo(f"machine: {b.machine(results[0].device)}")
     if log_:
         click.echo(f"logged as MLflow run {b.log_results(results, tracking_uri)}")
 

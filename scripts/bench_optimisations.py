@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.nn.utils import parametrize  # noqa: E402
 
-from study.bench import prepare, quartiles, time_calls  # noqa: E402
+from study.bench import machine, prepare, quartiles, time_calls  # noqa: E402
 from study.flows.coupling import _Coupling  # noqa: E402
 
 ROWS = []
@@ -150,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     before, after = data_path(args)
     row("data path: DataLoader -> device-resident batches", before, after, "img/s", "data only, batch 64")
 
-    dev = torch.device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\n{args.size} size, batch {args.batch}, {name}, torch {torch.__version__}, "
+    print(f"\n{args.size} size, batch {args.batch}, {machine(args.device)}, "
           f"{args.steps} timed steps after 2 warm-up ({time.perf_counter() - t0:.0f} s in all)\n")  # fmt: skip
     print("| optimisation | before (IQR) | after (IQR) | after/before | note |")
     print("|---|---:|---:|---:|---|")

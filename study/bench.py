@@ -8,6 +8,7 @@ the forward), and peak memory. Compare configurations within one run of the same
 from __future__ import annotations
 
 import math
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -205,6 +206,32 @@ def matrix(size: str, device: str, batch: int, steps: int, compile: str = "off")
     return [baseline] + [bench(size, device, amp, cl, compile, batch, steps) for amp, cl in combos]
 
 
+CPUINFO = "/proc/cpuinfo"
+
+
+def machine(device: str | torch.device) -> str:
+    """What a timing was measured on: the GPU's name, or the CPU's model with its bf16 instructions
+    and torch's thread count; then torch's version. bf16 speed-ups depend on the CPU's bf16 units
+    (AMX-BF16 or only AVX512-BF16), so rates and ratios from different machines are not comparable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":  # the first processor's entry is enough
+                    flags = set(value.split())
+                    break
+    except OSError:  # not Linux: the model from platform, flags unknown
+        pass
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags] or ["no bf16 instructions"]
+    return f"{model} ({', '.join(bf16)}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def table(results: list[BenchResult]):
     """The results as a DataFrame; with a usual-repro row, each row's training rate relative to it."""
     import pandas as pd
@@ -219,8 +246,6 @@ def table(results: list[BenchResult]):
 def log_results(results: list[BenchResult], tracking_uri: str | None, experiment: str = "bench") -> str:
     """Record a bench table as one MLflow run: the machine and torch as tags, one metric per
     combination and quantity (e.g. ``bf16_cl.train_ips``). Returns the run id."""
-    import platform
-
     import mlflow
     from mlflow.entities import Metric, Param
 
@@ -231,7 +256,7 @@ def log_results(results: list[BenchResult], tracking_uri: str | None, experiment
     exp = client.get_experiment_by_name(experiment)
     first = results[0]
     tags = {"kind": "bench", "size": first.size, "device": first.device, "torch_version": torch.__version__,
-            "threads": str(torch.get_num_threads()), "machine": platform.processor() or platform.machine(),
+            "threads": str(torch.get_num_threads()), "machine": machine(first.device),
             "git_commit": git_commit()}  # fmt: skip
     run = client.create_run(exp.experiment_id, tags=tags, run_name=f"bench-{first.size}-{first.device}")
     metrics = []

@@ -1,9 +1,10 @@
 import math
 
+import torch
 from click.testing import CliRunner
 
 import run_study
-from study.bench import bench
+from study.bench import bench, machine
 
 
 def test_bench_demo_reports_finite_numbers():
@@ -47,6 +48,7 @@ def test_bench_log_records_an_mlflow_run(store):
     run_id = out.stdout.strip().split()[-1]
     run = mlflow.MlflowClient(store).get_run(run_id)
     assert run.data.tags["kind"] == "bench" and run.data.tags["size"] == "demo"
+    assert run.data.tags["machine"] == machine("cpu") and "threads" in run.data.tags["machine"]
     assert run.data.metrics["ours.off.train_ips"] > 0 and run.data.params["batch"] == "4"
 
 
@@ -70,7 +72,8 @@ def test_bench_matrix_puts_the_baseline_first_with_ratios():
     assert out.exit_code == 0, out.output
     lines = out.stdout.strip().splitlines()
     assert "x usual-repro" in lines[0] and lines[1].split()[0] == "usual-repro" and lines[1].split()[-1] == "1.00"
-    assert [line.split()[0] for line in lines[2:]] == ["ours"] * 4
+    assert [line.split()[0] for line in lines[2:-1]] == ["ours"] * 4
+    assert lines[-1].startswith("machine: ") and f"threads, torch {torch.__version__}" in lines[-1]
 
 
 def test_peak_memory_resets_between_rows():
@@ -103,3 +106,16 @@ def test_bench_optimisations_script_prints_a_before_after_table():
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "optimisation" not in line]
     assert len(rows) == 7 and "data path" in rows[-1][1]
     assert all(math.isfinite(float(r[4])) and float(r[4]) > 0 for r in rows)
+
+
+def test_machine_names_the_cpu_model_and_its_bf16_instructions(monkeypatch, tmp_path):
+    from study import bench as b
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")  # fmt: skip
+    monkeypatch.setattr(b, "CPUINFO", str(cpuinfo))
+    threads = torch.get_num_threads()
+    assert machine("cpu") == f"Test CPU 9000 (amx_bf16, avx512_bf16), {threads} threads, torch {torch.__version__}"
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert machine("cpu").startswith("Old CPU (no bf16 instructions), ")
