@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 HISTORY_METRICS = (
@@ -51,10 +53,11 @@ def _histories_from_sqlite(tracking_uri: str | None, run_ids: list[str]) -> dict
         for start in range(0, len(run_ids), 500):
             chunk = run_ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            query = (f"SELECT run_uuid, step, key, value, timestamp FROM metrics WHERE run_uuid IN ({marks}) "
+            # MLflow stores a NaN as value 0 with is_nan set: a diverged epoch must read NaN, not 0 bits/dim
+            query = (f"SELECT run_uuid, step, key, value, is_nan FROM metrics WHERE run_uuid IN ({marks}) "
                      f"AND key IN ({keys}) ORDER BY timestamp")  # fmt: skip
-            for run_id, step, key, value, _ in db.execute(query, [*chunk, *HISTORY_METRICS]):
-                out.setdefault(run_id, {}).setdefault(int(step), {})[key] = float(value)
+            for run_id, step, key, value, is_nan in db.execute(query, [*chunk, *HISTORY_METRICS]):
+                out.setdefault(run_id, {}).setdefault(int(step), {})[key] = math.nan if is_nan else float(value)
     return out
 
 

@@ -123,6 +123,23 @@ def test_collect_runs_from_a_real_store(store):
         collect_runs(store, "missing")
 
 
+def test_sqlite_fast_path_reads_nan_metrics_as_nan_like_the_client(store):
+    """MLflow's SQLite store keeps a NaN as value 0 with is_nan set; a non-finite validation epoch
+    must not become 0 bits/dim in the report."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from analysis.collect import _histories_from_sqlite, _history_via_client
+
+    client = mlflow.MlflowClient(store)
+    run = client.create_run(client.create_experiment("nan")).info.run_id
+    client.log_batch(run, metrics=[Metric("val_bpd", 5.5, 0, 1), Metric("val_bpd", math.nan, 0, 2)])
+    fast = _histories_from_sqlite(store, [run])[run]
+    slow = _history_via_client(client, run)
+    assert fast[1]["val_bpd"] == slow[1]["val_bpd"] == 5.5
+    assert math.isnan(fast[2]["val_bpd"]) and math.isnan(slow[2]["val_bpd"])
+
+
 # --- the accounting audit ------------------------------------------------------------------------
 
 
