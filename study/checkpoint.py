@@ -1,8 +1,10 @@
 """Atomic checkpoints with a fallback: ``last.pt`` is the newest, ``prev.pt`` the one before.
 
-A write goes to a temporary file that is renamed into place, so a crash never leaves a half
-written ``last.pt``; a ``last.pt`` corrupted some other way (a truncated copy, a full disk) falls
-back to ``prev.pt`` with a warning.
+A write goes to a temporary file that is fsynced and renamed over ``last.pt`` in one step, so at
+every instant ``last.pt`` is a complete state, the old or the new one: a kill in the middle of a save
+(SIGKILL, a node lost) never leaves it half written or missing. Before that rename the old
+``last.pt`` is hard-linked to ``prev.pt`` (also by an atomic rename). A ``last.pt`` corrupted some
+other way (a truncated copy, a full disk) falls back to ``prev.pt`` with a warning.
 """
 
 from __future__ import annotations
@@ -17,17 +19,35 @@ import torch
 LAST, PREV = "last.pt", "prev.pt"
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make the renames themselves durable (POSIX: a rename is recorded in the folder's entry)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(directory: Path, state: dict[str, Any]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{LAST}.tmp-{os.getpid()}"
+    pid = os.getpid()
+    tmp = directory / f".{LAST}.tmp-{pid}"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     last = directory / LAST
     if last.exists():
-        os.replace(last, directory / PREV)
+        # prev.pt becomes the old state without last.pt ever going missing: link, then rename
+        link = directory / f".{PREV}.tmp-{pid}"
+        link.unlink(missing_ok=True)
+        os.link(last, link)
+        os.replace(link, directory / PREV)
     os.replace(tmp, last)
+    _fsync_dir(directory)
     return last
 
 

@@ -9,6 +9,11 @@ import torch
 
 from study.config import Stabilizers
 
+# One intra-op thread in the test process: the tiny models here gain nothing from two, and when
+# subprocesses (CLI runs, workers) share the 2 cores, OpenMP's spinning threads make every small
+# convolution 50-100x slower (measured: 1.5 s against 20 ms for one step of a 4-map model).
+torch.set_num_threads(1)
+
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-slices"
 
 

@@ -82,6 +82,52 @@ def test_variant_table_counts_divergence_and_uses_finished_runs():
     assert t["images_per_s"] == 11.0
 
 
+def test_paired_effects_reports_scipys_paired_t_and_the_bootstrap_bounds():
+    """Oracle: scipy's ttest_rel on the same fixed arrays. With 3 pairs a percentile bootstrap of the
+    mean is [min, max] of the differences: a resample of three copies of the minimum has probability
+    1/27 > 2.5%, so the 2.5% quantile is the minimum (likewise the maximum)."""
+    from scipy import stats
+
+    base = [4.10, 4.31, 4.05]
+    variant = [4.22, 4.30, 4.33]
+    per_run = pd.DataFrame(
+        [{"variant": "seed-report", "seed": s, "outcome": "completed", "v": v} for s, v in enumerate(base)]
+        + [{"variant": "x", "seed": s, "outcome": "completed", "v": v} for s, v in enumerate(variant)]
+    )
+    eff = paired_effects(per_run, "v").set_index("variant").loc["x"]
+    diffs = np.subtract(variant, base)
+    assert math.isclose(eff["p_value"], stats.ttest_rel(variant, base).pvalue, rel_tol=1e-9)
+    assert not math.isclose(eff["p_value"], stats.ttest_ind(variant, base).pvalue, rel_tol=1e-3)  # not unpaired
+    assert math.isclose(eff["mean_diff"], diffs.mean(), rel_tol=1e-12)
+    assert (eff["ci_lo"], eff["ci_hi"]) == pytest.approx((diffs.min(), diffs.max()), abs=1e-12)
+
+
+def test_variant_table_reports_the_seed_statistics_of_finished_runs():
+    runs = pd.DataFrame([
+        {"run_id": f"r{s}", "variant": "x", "seed": s, "outcome": "completed", "test_bpd": t,
+         "first_nonfinite_epoch": None, "images_per_s": 1.0}
+        for s, t in enumerate([4.0, 4.5, 3.8])
+    ])  # fmt: skip
+    hist = _history({"r0": [6, 5, 4], "r1": [7, 5, 5], "r2": [5, 4, 3]})
+    t = variant_table(runs, hist, window=2).iloc[0]
+    val = np.array([4.5, 5.0, 3.5])  # per-run mean of the last 2 epochs
+    assert math.isclose(t["val_mean"], val.mean()) and math.isclose(t["val_std_seeds"], val.std(ddof=1))
+    assert (t["val_ci_lo"], t["val_ci_hi"]) == pytest.approx((val.min(), val.max()))
+    assert math.isclose(t["val_std_within"], np.mean([0.5, 0.0, 0.5]))
+    assert math.isclose(t["test_mean"], 4.1) and math.isclose(t["test_std"], np.std([4.0, 4.5, 3.8], ddof=1))
+
+
+def test_last_window_edges():
+    h = _history({"a": [5.0, 4.0, 3.0, 2.0]})
+    at = {w: last_window(h, window=w).iloc[0] for w in (1, 3, 4, 9)}
+    assert at[1]["window_mean"] == 2.0 and at[1]["window_used"] == 1 and at[1]["window_std"] == 0.0
+    assert at[3]["window_mean"] == 3.0 and at[3]["window_used"] == 3  # epochs 2-4, not 1-3
+    assert at[4]["window_mean"] == 3.5 and at[4]["window_used"] == 4
+    assert at[9]["window_mean"] == 3.5 and at[9]["window_used"] == 4  # never more than the run has
+    shuffled = h.sample(frac=1.0, random_state=0)  # row order must not matter: the window is by epoch
+    assert last_window(shuffled, window=3).iloc[0]["window_mean"] == 3.0
+
+
 # --- collection from a real store -------------------------------------------------------------------
 
 
@@ -167,7 +213,17 @@ def test_audit_correct_row_equals_the_models_bits_per_dim_and_shifts_are_known()
     assert math.isclose(table.loc["correct", "bits/dim"], evaluate(model, val, 8), rel_tol=1e-9)
     assert math.isclose(table.loc["logit alpha mismatch", "shift"], -math.log2(0.95 / 0.9), rel_tol=1e-9)
     assert math.isclose(table.loc["no -D log 256 term", "shift"], -8.0, rel_tol=1e-12)
-    assert table.loc["train-mode batch norm", "shift"] != 0.0
+    # train mode by hand: batch statistics of each evaluation batch, written out here
+    import copy
+
+    from study.data import eval_batches
+
+    twin, per_image = copy.deepcopy(model).train(), []
+    with torch.no_grad():
+        for x in eval_batches(val, 8):
+            per_image += (-twin.log_prob(x).double() / (model.num_dims * math.log(2)) + 8).tolist()
+    assert math.isclose(table.loc["train-mode batch norm", "bits/dim"], sum(per_image) / len(per_image), rel_tol=1e-9)
+    assert abs(table.loc["train-mode batch norm", "shift"]) > 1e-3
     # masked half: the shift is exactly minus the extra log-det, computed here from the s-networks
     from study.data import eval_batches
 

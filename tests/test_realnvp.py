@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -74,20 +75,53 @@ def test_eval_log_prob_does_not_depend_on_the_rest_of_the_batch():
     assert torch.allclose(other[0], together[0], atol=1e-9)
 
 
+# Per-channel constants added before a train-mode batch norm are cancelled by its mean subtraction,
+# so the biases of the s/t convolutions that feed one (inp, conv1, conv2: every path from them to the
+# output passes a BatchNorm2d) have a true gradient of exactly zero. Anything they get is rounding.
+BEFORE_BATCHNORM = re.compile(r"\.net\.(inp|blocks\.\d+\.conv[12])\.bias$")
+
+
 @pytest.mark.parametrize("scale_fn", SCALE_FNS)
 @pytest.mark.parametrize("weight_norm", [True, False])
-def test_every_parameter_receives_a_gradient(scale_fn, weight_norm):
-    stab = Stabilizers(scale_fn=scale_fn, weight_norm=weight_norm, bn_bijector=True, zero_init=False)
-    model = RealNVP(3, 2, 4, 1, stab, image_size=4).double().train()
+@pytest.mark.parametrize("st_batchnorm", [True, False])
+def test_every_parameter_receives_a_gradient(scale_fn, weight_norm, st_batchnorm):
+    torch.manual_seed(0)
+    stab = Stabilizers(scale_fn=scale_fn, weight_norm=weight_norm, st_batchnorm=st_batchnorm, bn_bijector=True,
+                       zero_init=False)  # fmt: skip
+    # random, seeded values everywhere: at the zero/one initialisation some gradients vanish by symmetry
+    model = randomize_(RealNVP(3, 2, 4, 1, stab, image_size=4).double(), seed=3, scale=0.2).train()
     x = dequantized(8)
     (-model.log_prob(x).mean()).backward()
+    structural = 0
     for name, p in model.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if st_batchnorm and BEFORE_BATCHNORM.search(name):
+            structural += 1
+            assert p.grad.abs().max() < 1e-10, name  # exactly zero but for float64 rounding
+        else:
+            assert p.grad.abs().max() > 1e-7, name  # a real gradient, far above rounding
+    assert structural == (30 if st_batchnorm else 0)  # 10 couplings x (inp, conv1, conv2)
 
 
-def test_sample_shape_range_and_temperature():
+def test_temperature_scales_the_spread_of_samples_before_clamping():
+    # a zero-initialised model is the identity after the logit, so logit-space samples are z * T exactly
+    model = RealNVP(3, 2, 4, 1, Stabilizers(zero_init=True), image_size=8).double().eval()
+    draws = {}
+    for t in (1.0, 0.5):
+        x = model.sample(256, temperature=t, generator=torch.Generator().manual_seed(0), clamp=False)
+        p = 0.05 + 0.9 * x
+        draws[t] = torch.log(p) - torch.log1p(-p)
+    assert torch.allclose(draws[0.5], 0.5 * draws[1.0], atol=1e-9)
+    assert (draws[1.0].abs() > 2.95).any()  # some samples fall outside [0, 1]: clamping would hide them
+    # a trained-looking (random) model: lower temperature, smaller spread of unclamped pixels
+    rand = tiny("tanh", size=8)
+    spread = {t: rand.sample(256, t, torch.Generator().manual_seed(0), clamp=False).std().item() for t in (1.0, 0.5)}
+    assert spread[0.5] < 0.8 * spread[1.0]
+    clamped = rand.sample(256, 1.0, torch.Generator().manual_seed(0))
+    assert clamped.min() >= 0 and clamped.max() <= 1
+
+
+def test_sample_shape_range_and_mode():
     model = tiny("tanh").float()
     gen = torch.Generator().manual_seed(0)
     s = model.sample(6, temperature=0.7, generator=gen)
@@ -130,6 +164,14 @@ def test_paper_size_parameters_and_flops():
 
 def test_bits_per_dim_of_uniform_density_is_eight():
     assert bits_per_dim(torch.zeros(3), 3072).tolist() == [8.0, 8.0, 8.0]
+
+
+def test_bits_per_dim_divides_by_dimensions_and_ln2():
+    # log p = -D ln 2 nats is one bit per dimension below the uniform density: 9 bits/dim, for any D
+    for d in (1, 3, 3072):
+        assert math.isclose(bits_per_dim(-d * math.log(2.0), d), 9.0, rel_tol=1e-12)
+    # +1000 nats over 3072 dims: 8 - 1000 / (3072 ln 2)
+    assert math.isclose(bits_per_dim(1000.0, 3072), 8 - 1000 / (3072 * math.log(2)), rel_tol=1e-12)
 
 
 def test_bits_per_dim_hand_computed_gaussian():

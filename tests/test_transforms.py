@@ -79,3 +79,29 @@ def test_batchnorm_bijector_train_normalises_and_tracks_running_stats():
     var = x.var(dim=(0, 2, 3), unbiased=False)
     assert torch.allclose(ld[0], (-0.5 * torch.log(var + bn.eps)).sum() * 16)
     assert torch.allclose(bn.running_mean.flatten(), 0.5 * x.mean(dim=(0, 2, 3)))
+
+
+def test_batchnorm_bijector_running_statistics_follow_the_momentum_convention():
+    """PyTorch's convention (the official code's decay 0.9 is momentum 0.1 here): running <- (1 - m)
+    running + m batch, for the mean and the (biased, as used in the forward) variance. At m = 0.1 the
+    other convention, running <- m running + (1 - m) batch, gives different numbers."""
+    m = 0.1
+    bn = BatchNormBijector(2, momentum=m).double()
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 2, 4, 4, generator=gen, dtype=torch.float64) * s + o for s, o in ((3, 1), (0.5, -2))]
+    mean, var = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    for x in batches:
+        bn(x)
+        mean = (1 - m) * mean + m * x.mean(dim=(0, 2, 3))
+        var = (1 - m) * var + m * x.var(dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(bn.running_mean.flatten(), mean, atol=1e-12)
+    assert torch.allclose(bn.running_var.flatten(), var, atol=1e-12)
+    # after the first batch alone: 0.9 * 1 + 0.1 * var (not 0.1 * 1 + 0.9 * var)
+    fresh = BatchNormBijector(2, momentum=m).double()
+    fresh(batches[0])
+    v0 = batches[0].var(dim=(0, 2, 3), unbiased=False)
+    assert torch.allclose(fresh.running_var.flatten(), 0.9 + 0.1 * v0, atol=1e-12)
+    assert not torch.allclose(fresh.running_var.flatten(), 0.1 + 0.9 * v0, atol=1e-3)
+    bn.eval()
+    bn(batches[0])  # eval mode never updates them
+    assert torch.allclose(bn.running_mean.flatten(), mean, atol=1e-12)

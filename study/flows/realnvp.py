@@ -178,15 +178,19 @@ class RealNVP(nn.Module):
         return prior.flatten(1).sum(1) + log_det
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n samples in [0, 1] from z ~ N(0, temperature^2 I), in eval mode (running statistics)."""
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, clamp: bool = True
+    ) -> torch.Tensor:
+        """n samples from z ~ N(0, temperature^2 I), in eval mode (running statistics), clamped to the
+        image range [0, 1] unless ``clamp`` is False (the inverse logit can leave it by alpha / (1 - 2 alpha))."""
         was_training = self.training
         self.eval()
         try:
-            device = next(self.parameters()).device
+            param = next(self.parameters())
             shape = (n, self.in_channels, self.image_size, self.image_size)
-            z = torch.randn(shape, generator=generator, device=device) * temperature
-            return self.inverse(z).clamp(0.0, 1.0)
+            z = torch.randn(shape, generator=generator, device=param.device, dtype=param.dtype) * temperature
+            x = self.inverse(z)
+            return x.clamp(0.0, 1.0) if clamp else x
         finally:
             self.train(was_training)
 
