@@ -2,6 +2,7 @@
 
     python3 scripts/gpu/bundle_deps.py check WHEEL_DIR   # here, after build_bundle.sh downloaded them
     python3 scripts/gpu/bundle_deps.py verify WHEEL_DIR  # there, after pip install --target (PYTHONPATH set)
+    VENV/bin/python scripts/gpu/bundle_deps.py image-only  # the rehearsal's stand-in holds image packages only
 
 ``check`` reads each wheel's METADATA and evaluates its Requires-Dist for CPython 3.12 on Linux x86_64
 (no extras): every requirement must be met by another wheel of the bundle (at a version the specifier
@@ -82,8 +83,9 @@ def tag_problem(path: Path) -> str | None:
     """Why this wheel cannot install under CPython 3.12 manylinux x86_64 (glibc <= MAX_GLIBC), or None."""
     _, _, _, tags = parse_wheel_filename(path.name)
     for tag in tags:
-        interp_ok = tag.interpreter in ("py3", "cp312") or (tag.abi == "abi3" and tag.interpreter in
-                                                            {f"cp3{m}" for m in range(2, 13)})  # fmt: skip
+        interp_ok = tag.interpreter in ("py3", "cp312") or (
+            tag.abi == "abi3" and tag.interpreter in {f"cp3{m}" for m in range(2, 13)}
+        )
         abi_ok = tag.abi in ("none", "abi3", "cp312")
         plat = tag.platform
         if plat == "any":
@@ -129,8 +131,10 @@ def check(wheel_dir: Path) -> int:
         if (p := tag_problem(w)) is not None:
             problems.append(p)
         if name in image:
-            problems.append(f"{name} {version} is carried though the image holds {name} (carry one only for "
-                            f"another version, and say why in bundle.txt)")  # fmt: skip
+            problems.append(
+                f"{name} {version} is carried though the image holds {name} (carry one only for "
+                f"another version, and say why in bundle.txt)"
+            )
     unverified: dict[str, set[str]] = {}
     for name, (version, requires) in sorted(bundle.items()):
         for req in applicable(requires, DEVICE_ENV):
@@ -182,15 +186,33 @@ def verify(wheel_dir: Path) -> int:
             relied.setdefault(dep, have)
             if not req.specifier.contains(have, prereleases=True):
                 problems.append(f"{name} needs {req}, found {dep} {have}")
-    print("image packages the bundle relies on: " + ", ".join(f"{d} {v}" for d, v in sorted(relied.items())
-                                                                if d not in bundled))  # fmt: skip
+    print(
+        "image packages the bundle relies on: "
+        + ", ".join(f"{d} {v}" for d, v in sorted(relied.items()) if d not in bundled)
+    )
     for p in problems:
         print(f"PROBLEM: {p}")
     print("bundle requirements met" if not problems else f"{len(problems)} unmet requirement(s)")
     return len(problems)
 
 
+def image_only() -> int:
+    """The running Python holds only packages of the device image (and pip), and no mlflow or optuna:
+    so a rehearsal that passes in it cannot lean on anything the device lacks."""
+    from importlib import metadata
+
+    image = image_packages()
+    found = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    extra = sorted(f"{n} {v}" for n, v in found.items() if n not in image and n != "pip")
+    print(f"{len(found)} distributions importable by {sys.executable}")
+    for e in extra:
+        print(f"PROBLEM: {e} is not in the device image (scripts/gpu/image-packages.txt)")
+    return len(extra)
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["image-only"]:
+        return 1 if image_only() else 0
     if len(argv) != 2 or argv[0] not in ("check", "verify"):
         print(__doc__)
         return 2
