@@ -12,7 +12,8 @@
 # 3x the training rate or more); a short ablation of two variants (seed-report, paper) at the paper
 # size on the real CIFAR-10 slices, logged to MLflow; the literal fp16 recipe at the paper size with
 # its skipped steps and non-finite events; `evaluate` on one of those checkpoints (if the command
-# exists); torch.compile, plain and reduce-overhead (CUDA graphs); the before/after optimisation script.
+# exists); torch.compile, plain and reduce-overhead (CUDA graphs), in the bench and in a training run;
+# the before/after optimisation script.
 #
 # Environment:
 #   PY=python3          the interpreter (the device image's python3 holds torch)
@@ -23,7 +24,12 @@
 #   CHECK_SCALE=full    full (the device) | rehearsal (tiny sizes, so a CPU runs every step quickly)
 #   CHECK_BUDGET_S=480  the whole check's deadline; a step that would start later is skipped as such
 #   CHECK_CUDA=auto     auto | 0 (treat CUDA as absent: the rehearsal's CUDA steps are skipped)
+#   CHECK_TIME_FACTOR=1 multiplies every step's time limit (the rehearsal on a shared 2-core CPU uses more)
 #   CHECK_WORK=DIR      scratch folder (default: a new one under /tmp); kept afterwards
+#   CHECK_ONLY=a,b      run only these steps (and setup, environment): to repeat one that failed
+# all in one function, read whole before it runs: editing or checking out this file during a
+# run cannot change the running check
+main() {
 set -uo pipefail  # not -e: a step's failure is recorded, never fatal
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -31,6 +37,7 @@ PY=${PY:-python3}
 BUNDLE=${BUNDLE:-gpu-bundle}
 SCALE=${CHECK_SCALE:-full}
 BUDGET=${CHECK_BUDGET_S:-480}
+FACTOR=${CHECK_TIME_FACTOR:-1}
 OUT=${OUT:-$ROOT/gpu-check}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 WORK=${CHECK_WORK:-$(mktemp -d /tmp/gpu-check.XXXXXX)}
@@ -55,7 +62,7 @@ fi
 DATA=${DATA:-}
 START=$SECONDS
 DEADLINE=$((SECONDS + BUDGET))
-echo "gpu check: scale $SCALE, budget ${BUDGET}s, python $PY, work $WORK, out $OUT, data ${DATA:-none}"
+echo "gpu check: scale $SCALE, budget ${BUDGET}s, time factor $FACTOR, python $PY, work $WORK, out $OUT, data ${DATA:-none}"
 
 # record NAME STATUS SECONDS LIMIT NOTE
 record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> "$RESULTS"; echo "-- $1: $2 ($3 s) $5"; }
@@ -64,7 +71,7 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" >> "$RESULTS";
 # --cuda: skipped when CUDA is absent; --data: skipped without the CIFAR-10 slices. A command that
 # exits 99 is recorded as skipped, its last output line being the reason.
 step() {
-  local name=$1 limit=$2 need_cuda=0 need_data=0
+  local name=$1 limit=$(($2 * FACTOR)) need_cuda=0 need_data=0
   shift 2
   while [ "${1:-}" = --cuda ] || [ "${1:-}" = --data ]; do
     [ "$1" = --cuda ] && need_cuda=1
@@ -72,6 +79,10 @@ step() {
     shift
   done
   local log=$LOGS/$name.log
+  if [ -n "${CHECK_ONLY:-}" ] && [[ ",$CHECK_ONLY,setup,environment," != *",$name,"* ]]; then
+    record "$name" skip 0 "$limit" "not in CHECK_ONLY"
+    return
+  fi
   if [ $need_cuda = 1 ] && [ "$HAVE_CUDA" != 1 ]; then record "$name" skip 0 "$limit" "needs CUDA (none here)"; return; fi
   if [ $need_data = 1 ] && [ -z "$DATA" ]; then record "$name" skip 0 "$limit" "no CIFAR-10 slices (build the bundle)"; return; fi
   local left=$((DEADLINE - SECONDS))
@@ -126,14 +137,14 @@ if [ "$SCALE" = rehearsal ]; then
   # the paper preset's code paths (bn bijector, L2, real slices) at the demo model size
   PAPER=(--epochs 1 --set data.train_limit=256 --set model.mid_channels=8 --set model.num_blocks=1
     --set train.eval_batch_size=250)
-  DEMO_EPOCHS=1
+  DEMO=(--epochs 1 --set data.train_limit=256)
 else
   BENCH=(--size paper --batch 64 --steps 20)
   OPTIM=(--size paper --batch 64 --steps 20 --compile-size small)
   PAPER=(--epochs 3) # all 3,600 training images of the slice, 400 validation, 500 test
-  DEMO_EPOCHS=2
+  DEMO=(--epochs 2)
 fi
-TRAIN=(run_study.py train --preset demo --epochs "$DEMO_EPOCHS" --device "$DEV" --experiment gpu-check
+TRAIN=(run_study.py train --preset demo "${DEMO[@]}" --device "$DEV" --experiment gpu-check
   --tracking-uri "$URI" --checkpoint-dir "$CKPT" --fresh)
 ABLATION=(run_study.py ablation stabilizers --preset paper --data "$DATA" --seeds 1 --experiment gpu-check-ablation
   --storage "$OPTUNA" --tracking-uri "$URI" --checkpoint-dir "$CKPT" --device "$DEV")
@@ -149,6 +160,9 @@ for mode in default reduce-overhead; do # reduce-overhead adds CUDA graphs on a 
   step "compile-$mode" 180 "$PY" run_study.py bench "${BENCH[@]}" --device "$DEV" --amp bf16 --channels-last \
     --compile --compile-mode "$mode" --log --tracking-uri "$URI"
 done
+# the training loop itself compiled, with CUDA graphs on a GPU (train/eval switches, optimizer outside)
+step train-compiled-demo 150 "$PY" "${TRAIN[@]}" --variant check-compiled --set stabilizers.amp=bf16 \
+  --set train.compile=reduce-overhead
 step bench-optimisations 120 "$PY" scripts/bench_optimisations.py "${OPTIM[@]}" --device "$DEV"
 
 # --- 4. one table, one archive ---------------------------------------------------------------------
@@ -177,3 +191,5 @@ cat "$OUT/summary.md"
 echo
 echo "results: $OUT/summary.md, $OUT/results.tsv, $OUT/check.tar.gz ($(du -h "$OUT/check.tar.gz" | cut -f1)); scratch: $WORK"
 if grep -q "$(printf '\tfail\t')" "$RESULTS"; then exit 1; fi
+}
+main "$@"

@@ -262,6 +262,14 @@ def optimisations_key(log: Path) -> str:
     return ", ".join(out)
 
 
+def setup_key(manifest: Path) -> str:
+    if not manifest.is_file():
+        return ""
+    rows = [line.split() for line in manifest.read_text().splitlines()[1:] if line.strip()]
+    size = sum(int(r[1]) for r in rows if len(r) == 3 and r[1].isdigit())
+    return f"{len(rows)} wheels ({size / 2**20:.1f} MiB) installed --no-index --target"
+
+
 def log_key(log: Path) -> str:
     if not log.is_file():
         return ""
@@ -283,7 +291,9 @@ def summary(results: str, db: str, logs: str, out: str, total: str) -> int:
         "fp16-recipe-paper": lambda: run_key(store, "gpu-check-ablation", "seed-report-fp16"),
         "compile-default": lambda: bench_key(store, "_default", rehearsal),
         "compile-reduce-overhead": lambda: bench_key(store, "_reduce-overhead", rehearsal),
+        "train-compiled-demo": lambda: run_key(store, "gpu-check", "check-compiled"),
         "bench-optimisations": lambda: optimisations_key(logs_dir / "bench-optimisations.log"),
+        "setup": lambda: setup_key(logs_dir / "manifest.log"),
     }
     lines = []
     counts: dict[str, int] = {}

@@ -14,6 +14,9 @@
 # So a missing wheel, a torch 2.11 or Python 3.12 incompatibility, or a path that does not travel fails
 # here. PyPI's torch for Linux is a CUDA build (download.pytorch.org, with the CPU builds, is out of
 # reach here); it runs on the CPU. Results: gpu-check/rehearsal/ (summary.md, results.tsv, check.tar.gz).
+# all in one function, read whole before it runs: editing or checking out this file during a
+# run cannot change the running check
+main() {
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -51,7 +54,8 @@ t_check=$SECONDS
 (
   unset PYTHONPATH
   PY=$ROOT/$VENV/bin/python OUT=$ROOT/gpu-check/rehearsal CHECK_SCALE=rehearsal CHECK_CUDA=0 \
-    CHECK_BUDGET_S=${CHECK_BUDGET_S:-1200} CHECK_WORK=$WORK bash scripts/gpu/check.sh
+    CHECK_BUDGET_S=${CHECK_BUDGET_S:-2400} CHECK_TIME_FACTOR=${CHECK_TIME_FACTOR:-5} CHECK_WORK=$WORK \
+    bash scripts/gpu/check.sh
 )
 check_rc=$?
 t_check=$((SECONDS - t_check))
@@ -69,3 +73,5 @@ fi
 echo
 echo "rehearse: check exit $check_rc ($t_check s), tests exit $tests_rc; $((SECONDS - T0)) s in all; scratch $WORK"
 [ "$check_rc" = 0 ] && { [ "$tests_rc" = 0 ] || [ "$tests_rc" = skipped ]; }
+}
+main "$@"
