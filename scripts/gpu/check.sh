@@ -88,14 +88,16 @@ step() {
   local left=$((DEADLINE - SECONDS))
   if [ "$left" -lt 30 ]; then record "$name" skip 0 "$limit" "out of time (CHECK_BUDGET_S=$BUDGET)"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "== $name (limit ${limit}s): $*"
+  local shown="$*"
+  [ ${#shown} -gt 300 ] && shown="${shown:0:300} ..." # the full command is in the step's log
+  echo "== $name (limit ${limit}s): $shown"
   echo "\$ $*" > "$log"
   local t0=$SECONDS rc
   timeout -k 15 "$limit" "$@" >> "$log" 2>&1
   rc=$?
   local took=$((SECONDS - t0)) last
   last=$(grep -v '^\s*$' "$log" | tail -1 | tr '\t' ' ' | cut -c1-160)
-  tail -n 4 "$log" | sed 's/^/   | /'
+  tail -n 4 "$log" | cut -c1-300 | sed 's/^/   | /'
   case $rc in
     0) record "$name" pass "$took" "$limit" "" ;;
     99) record "$name" skip "$took" "$limit" "$last" ;;
