@@ -48,7 +48,7 @@ def cli():
 def summary(preset, data, overrides):
     """Print the model a configuration builds: size, parameters, forward GFLOP per image, data."""
     cfg = _config(preset, data, overrides)
-    from study.summary import model_summary
+    from analysis.summary import model_summary
 
     try:
         click.echo(model_summary(cfg))
@@ -102,8 +102,8 @@ def train(
     from pathlib import Path
 
     from study.data import DataError
-    from study.training import RunSpec
-    from study.training import train as train_run
+    from study.run import RunSpec
+    from study.run import train as train_run
 
     spec = RunSpec(
         cfg=cfg,
@@ -175,7 +175,7 @@ def ablation(
         return
     from pathlib import Path
 
-    from study import ablation as ab
+    from study.sweep import ablation as ab
 
     extra = tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ())
     base = _config(preset, data, extra)
@@ -268,7 +268,7 @@ def lr_search(
 
     import pandas as pd
 
-    from study import lrsearch
+    from study.sweep import lrsearch
 
     extra = tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ())
     base = _config(preset, data, extra)
@@ -333,9 +333,8 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment):
     try:
         override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
         args = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("run_study.py") else "report"
-        path = generate_report(
-            tracking_uri, experiment, Path(out), window, override, audit, command=f"python run_study.py {args}"
-        )
+        path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
+                               command=f"python run_study.py {args}", lr_experiment=lr_experiment)  # fmt: skip
     except (NoRunsError, DataError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
@@ -362,7 +361,7 @@ def ui(tracking_uri, port):
 @TRACKING
 def sample(run_id, temperature, num, out, tracking_uri):
     """Write a grid of samples from a run's last checkpoint."""
-    from study.tracking import sample_from_run
+    from study.run.state import sample_from_run
 
     try:
         path = sample_from_run(run_id, tracking_uri, temperature, num, out)
@@ -372,7 +371,7 @@ def sample(run_id, temperature, num, out, tracking_uri):
 
 
 @cli.command()
-@click.option("--size", type=click.Choice(["paper", "small", "demo"]), default="demo", show_default=True)
+@click.option("--size", type=click.Choice(["paper", "small", "cifar-cpu", "demo"]), default="demo", show_default=True)
 @DEVICE
 @click.option("--amp", type=click.Choice(["off", "fp16", "bf16"]), default="off", show_default=True)
 @click.option("--channels-last", is_flag=True)
@@ -388,7 +387,7 @@ def sample(run_id, temperature, num, out, tracking_uri):
 @TRACKING
 def bench(size, device, amp, channels_last, compile_, compile_mode, arch, batch, steps, matrix, log_, tracking_uri):
     """Time the training step and the evaluation pass; print images/s, GFLOP/s and peak memory."""
-    from study import bench as b
+    from bench import timing as b
 
     mode = compile_mode if compile_ else "off"
     try:

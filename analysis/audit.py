@@ -19,7 +19,7 @@ from study.metrics import bits_per_dim
 
 
 def _mean_bpd(model, images: torch.Tensor, batch: int, seed: int = 0) -> float:
-    """The correct accounting: eval mode, every image once, per-image mean (= study.training.evaluate)."""
+    """The correct accounting: eval mode, every image once, per-image mean (= study.run.step.evaluate)."""
     total, n = 0.0, 0
     with torch.no_grad():
         for x in eval_batches(images, batch, seed):

@@ -6,10 +6,7 @@ import math
 
 import pandas as pd
 
-HISTORY_METRICS = (
-    "train_bpd", "val_bpd", "lr", "grad_norm_mean", "grad_norm_median", "grad_norm_max", "clip_fraction",
-    "nonfinite_events", "skipped_steps", "grad_scale", "images_per_s", "epoch_seconds",
-)  # fmt: skip
+from study.schema import HISTORY_METRICS
 
 
 class NoRunsError(ValueError):

@@ -45,6 +45,21 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+# sizes bench times besides the presets' own: "small" sits between cifar-cpu and paper
+BENCH_SIZES: dict[str, dict[str, int]] = {
+    "small": {"model.num_scales": 2, "model.mid_channels": 32, "model.num_blocks": 2},
+}
+
+
+def model_sizes() -> dict[str, tuple[int, int, int]]:
+    """(num_scales, mid_channels, num_blocks) of every preset and bench size, by name."""
+    sizes = {}
+    for name, values in {**PRESETS, **BENCH_SIZES}.items():
+        cfg = apply_values(Config(), {k: v for k, v in values.items() if k.startswith("model.")})
+        sizes[name] = (cfg.model.num_scales, cfg.model.mid_channels, cfg.model.num_blocks)
+    return sizes
+
+
 def preset_config(name: str) -> Config:
     """The Config of a named preset; an unknown name is a ConfigError listing the known ones."""
     if name not in PRESETS:

@@ -98,7 +98,7 @@ class Stabilizers:
     bn_momentum: float = 0.1  # PyTorch convention; the official code's decay 0.9 equals 0.1 here
     zero_init: bool = True  # last conv of s/t zero-initialised: each coupling starts as the identity (Glow)
 
-    # --- training-time switches (used by study.training) ----------------------------------------
+    # --- training-time switches (used by study.run.step) ----------------------------------------
     grad_clip: float = 100.0  # global-norm clipping max norm (official code, chrischute); 0: off
     amp: Literal["off", "fp16", "bf16"] = "off"  # fp16 uses GradScaler (CUDA only); bf16 needs none
     warmup_steps: int = 0  # linear learning-rate warm-up (Glow reproductions); 0: off

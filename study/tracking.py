@@ -1,15 +1,22 @@
-"""MLflow plumbing: which store, which experiment, which run has a given identity.
+"""MLflow plumbing, in one place: which store and experiment, the one way runs are created, what a
+training run logs (timed, for the overhead figure), run lookup, and the UI.
 
 Default store: the MLFLOW_TRACKING_URI environment variable, else ``sqlite:///mlflow.db`` in the
 working directory with artifacts in ``mlartifacts/`` beside it (never the deprecated file store).
+Names of tags, metrics and artifacts come from study.schema.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
+
+from study import schema
 
 DEFAULT_DB = "mlflow.db"
 # no "View run ..." lines and no artifact progress bars in the study's output
@@ -67,14 +74,95 @@ def setup(uri: str | None, experiment: str) -> tuple[str, str]:
     return uri, exp_id
 
 
+def create_run(experiment_id: str, name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,
+               parent_run_id: str | None = None) -> str:  # fmt: skip
+    """The one way the study creates an MLflow run (training runs, study and search parents, bench):
+    with its tags, the git commit, and its params. Returns the run id."""
+    import mlflow
+    from mlflow.entities import Param
+
+    tags = {schema.GIT_COMMIT: git_commit(), **{k: str(v) for k, v in tags.items()}}
+    if parent_run_id:
+        tags[schema.PARENT] = parent_run_id
+    client = mlflow.MlflowClient()
+    run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    if params:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run_id
+
+
 def find_run(experiment_id: str, run_key: str):
     """The newest run tagged with ``run_key``, or None."""
     import mlflow
 
     runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], filter_string=f"tags.run_key = '{run_key}'", order_by=["attributes.start_time DESC"]
+        [experiment_id], filter_string=f"tags.{schema.RUN_KEY} = '{run_key}'", order_by=["attributes.start_time DESC"]
     )
     return runs[0] if runs else None
+
+
+class RunLogger:
+    """The few MLflow calls a training run makes, with the time they take counted (logging overhead)."""
+
+    def __init__(self, run_id: str):
+        import mlflow
+
+        self.client = mlflow.MlflowClient()
+        self.run_id = run_id
+        self.seconds = 0.0
+        # epochs MLflow already holds: an epoch re-trained after a resume from an older checkpoint
+        # is not logged a second time, so every epoch appears exactly once
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, schema.VAL_BPD)}
+
+    @contextlib.contextmanager
+    def timed(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        if schema.VAL_BPD in values:
+            self.logged.add(step)
+        with self.timed():
+            batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def tags(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        with self.timed():
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in values.items()])
+
+    def artifact(self, path: Path, folder: str) -> None:
+        with self.timed():
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+    def terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+class NullLogger(RunLogger):
+    """What ranks other than 0 log under torchrun: nothing."""
+
+    def __init__(self):
+        self.run_id, self.seconds, self.logged = "", 0.0, set()
+
+    def metrics(self, values, step):
+        pass
+
+    def tags(self, values):
+        pass
+
+    def artifact(self, path, folder):
+        pass
+
+    def terminate(self, status):
+        pass
 
 
 def _git(*args: str) -> str:
@@ -91,43 +179,6 @@ def git_commit() -> str:
         return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def checkpoint_of_run(run_id: str, uri: str | None) -> dict:
-    """The last checkpoint of a run: from its local checkpoint folder, else its logged artifact."""
-    import mlflow
-
-    from study import checkpoint
-
-    mlflow.set_tracking_uri(resolve_tracking_uri(uri))
-    client = mlflow.MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise ValueError(
-            f"no run {run_id!r} in {resolve_tracking_uri(uri)}: see `run_study.py ui` for run ids"
-        ) from None
-    found = checkpoint.load(Path(run.data.tags.get("checkpoint_dir", "/nonexistent")))
-    if found is not None:
-        return found[0]
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{checkpoint.LAST}")
-    except Exception:
-        raise ValueError(f"run {run_id} has no checkpoint (neither its folder nor an artifact)") from None
-    import torch
-
-    return torch.load(local, map_location="cpu", weights_only=True)
-
-
-def sample_from_run(run_id: str, uri: str | None, temperature: float, n: int, out: str | None) -> Path:
-    from study.sampling import sample_grid, save_grid
-    from study.training import model_from_checkpoint
-
-    if temperature <= 0 or n < 1:
-        raise ValueError("--temperature must be > 0 and -n at least 1")
-    model, _ = model_from_checkpoint(checkpoint_of_run(run_id, uri))
-    path = Path(out or f"samples-{run_id[:8]}-t{temperature:g}.png")
-    return save_grid(sample_grid(model, n, temperature), path)
 
 
 def ui_command(uri: str, port: int) -> list[str]:

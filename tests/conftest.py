@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.config import Stabilizers
+from study.flows import FlowOptions
 
 # One intra-op thread in the test process: the tiny models here gain nothing from two, and when
 # subprocesses (CLI runs, workers) share the 2 cores, OpenMP's spinning threads make every small
@@ -54,8 +54,8 @@ def scale_fn(request):
     return request.param
 
 
-def stab(**kw) -> Stabilizers:
-    return Stabilizers(**kw)
+def stab(**kw) -> FlowOptions:
+    return FlowOptions(**kw)
 
 
 # --- MLflow stores --------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 import run_study
 from experiments.ablation import STABILIZERS, get_study
 from experiments.presets import preset_config
-from study import ablation as ab
 from study.config import ConfigError, apply_values
+from study.sweep import ablation as ab
 from tests.conftest import TINY_RUN, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,8 @@ import run_study
 from analysis.audit import _masked_logdet_extra, audit
 from analysis.collect import NoRunsError, collect_runs
 from analysis.stats import across_seeds, bootstrap_ci, last_window, paired_effects, paired_t_pvalue, variant_table
-from study.config import Stabilizers
-from study.flows import RealNVP
-from study.training import evaluate
+from study.flows import FlowOptions, RealNVP
+from study.run.step import evaluate
 
 # --- statistics ----------------------------------------------------------------------------------
 
@@ -191,7 +190,7 @@ def test_sqlite_fast_path_reads_nan_metrics_as_nan_like_the_client(store):
 
 def _tiny_model(batchnorm=True):
     torch.manual_seed(0)
-    stab = Stabilizers(zero_init=False, st_batchnorm=batchnorm, bn_bijector=batchnorm)
+    stab = FlowOptions(zero_init=False, st_batchnorm=batchnorm, bn_bijector=batchnorm)
     model = RealNVP(3, 2, 4, 1, stab, image_size=8)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     x = torch.rand(16, 3, 8, 8)

@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 import run_study
-from study.bench import bench, machine
+from bench.timing import bench, machine
 
 
 def test_bench_demo_reports_finite_numbers():
@@ -55,9 +55,10 @@ def test_bench_log_records_an_mlflow_run(store):
 def test_usual_repro_stand_in_has_the_published_size():
     """The baseline of the speed targets has the usual reproduction's 19.6 M parameters and 12.9 GFLOP
     per forward image (../shared/design/REFERENCE.md), against our 18.52 M / 12.19 GFLOP."""
+    from bench.usual_repro import reference_shaped
     from study.config import Config
-    from study.flows import build_model, forward_flops_per_image, num_parameters
-    from study.reference_model import reference_shaped
+    from study.flows import forward_flops_per_image, num_parameters
+    from study.model import build_model
 
     ours = build_model(Config())
     assert round(num_parameters(ours) / 1e6, 2) == 18.52
@@ -100,7 +101,7 @@ def test_bench_optimisations_script_prints_a_before_after_table():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "scripts/bench_optimisations.py", "--size", "demo", "--steps", "1", "--compile-size", "none"]
+    cmd = [sys.executable, "-m", "bench.optimisations", "--size", "demo", "--steps", "1", "--compile-size", "none"]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "optimisation" not in line]
@@ -109,7 +110,7 @@ def test_bench_optimisations_script_prints_a_before_after_table():
 
 
 def test_machine_names_the_cpu_model_and_its_bf16_instructions(monkeypatch, tmp_path):
-    from study import bench as b
+    from bench import timing as b
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16\n\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from study import checkpoint
+from study.run import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ WRITER = textwrap.dedent(
     import sys
     from pathlib import Path
     import torch
-    from study import checkpoint
+    from study.run import checkpoint
 
     folder = Path(sys.argv[1])
     found = checkpoint.load(folder)

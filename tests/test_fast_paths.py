@@ -3,10 +3,9 @@ eager fp32 path, within stated tolerances in bits/dim."""
 
 import torch
 
-from study.config import Stabilizers
-from study.flows import RealNVP
+from study.flows import FlowOptions, RealNVP
 from study.metrics import bits_per_dim
-from study.training import autocast
+from study.run.step import autocast
 
 # stated tolerances on bits/dim (a 3x32x32 image; ~0.01 bpd is far below seed-to-seed spread)
 TOL = {"channels_last": 1e-5, "bf16": 2e-2, "compile": 1e-4}
@@ -14,7 +13,7 @@ TOL = {"channels_last": 1e-5, "bf16": 2e-2, "compile": 1e-4}
 
 def _model_and_data():
     torch.manual_seed(0)
-    model = RealNVP(3, 2, 8, 1, Stabilizers(zero_init=False, bn_bijector=True), image_size=32)
+    model = RealNVP(3, 2, 8, 1, FlowOptions(zero_init=False, bn_bijector=True), image_size=32)
     x = (torch.randint(0, 256, (8, 3, 32, 32)).float() + torch.rand(8, 3, 32, 32)) / 256
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(3):  # move off the initialisation so batch-norm statistics are not trivial

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 import run_study
 from experiments.presets import preset_config
-from study import lrsearch
 from study.config import ConfigError, apply_values
+from study.sweep import lrsearch
 from tests.conftest import TINY_RUN, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +64,10 @@ def test_pruned_trials_end_killed_not_failed(store, tmp_path):
 
 
 def test_diverged_trial_is_recorded_and_the_search_goes_on(store, tmp_path, monkeypatch):
-    from study.training import POISON_ENV
+    from study.run import Hooks
 
-    monkeypatch.setenv(POISON_ENV, "0")  # every trial's first step is NaN
+    # every trial's first step is NaN
+    monkeypatch.setattr(Hooks, "loss", lambda self, step, loss: loss * float("nan") if step == 0 else loss)
     frame, best = lrsearch.run(_search(tmp_path, store, trials=2), workers=1, echo=lambda s: None)
     assert list(frame["outcome"]) == ["diverged", "diverged"] and list(frame["state"]) == ["COMPLETE"] * 2
     assert all(math.isinf(v) for v in frame["value"]) and best is None  # the search went on past the first

@@ -4,15 +4,14 @@ import re
 import pytest
 import torch
 
-from study.config import Stabilizers
-from study.flows import RealNVP, forward_flops_per_image, num_parameters
+from study.flows import FlowOptions, RealNVP, forward_flops_per_image, num_parameters
 from study.metrics import bits_per_dim
 from tests.conftest import SCALE_FNS, jacobian_logdet, randomize_
 
 
 def tiny(scale_fn="tanh", bn_bijector=False, size=4, num_scales=2, **kw):
-    stab = Stabilizers(scale_fn=scale_fn, bn_bijector=bn_bijector, zero_init=False, **kw)
-    model = RealNVP(3, num_scales=num_scales, mid_channels=4, num_blocks=1, stabilizers=stab, image_size=size)
+    stab = FlowOptions(scale_fn=scale_fn, bn_bijector=bn_bijector, zero_init=False, **kw)
+    model = RealNVP(3, num_scales=num_scales, mid_channels=4, num_blocks=1, options=stab, image_size=size)
     return randomize_(model.double(), scale=0.2).eval()
 
 
@@ -55,7 +54,7 @@ def test_log_prob_is_normal_density_plus_slogdet_and_nothing_else():
 
 
 def test_zero_initialised_model_is_the_logit_transform():
-    model = RealNVP(3, 2, 4, 1, Stabilizers(zero_init=True), image_size=4).double().eval()
+    model = RealNVP(3, 2, 4, 1, FlowOptions(zero_init=True), image_size=4).double().eval()
     x = dequantized(2)
     z, ld = model(x)
     p = 0.05 + 0.9 * x
@@ -86,7 +85,7 @@ BEFORE_BATCHNORM = re.compile(r"\.net\.(inp|blocks\.\d+\.conv[12])\.bias$")
 @pytest.mark.parametrize("st_batchnorm", [True, False])
 def test_every_parameter_receives_a_gradient(scale_fn, weight_norm, st_batchnorm):
     torch.manual_seed(0)
-    stab = Stabilizers(scale_fn=scale_fn, weight_norm=weight_norm, st_batchnorm=st_batchnorm, bn_bijector=True,
+    stab = FlowOptions(scale_fn=scale_fn, weight_norm=weight_norm, st_batchnorm=st_batchnorm, bn_bijector=True,
                        zero_init=False)  # fmt: skip
     # random, seeded values everywhere: at the zero/one initialisation some gradients vanish by symmetry
     model = randomize_(RealNVP(3, 2, 4, 1, stab, image_size=4).double(), seed=3, scale=0.2).train()
@@ -105,7 +104,7 @@ def test_every_parameter_receives_a_gradient(scale_fn, weight_norm, st_batchnorm
 
 def test_temperature_scales_the_spread_of_samples_before_clamping():
     # a zero-initialised model is the identity after the logit, so logit-space samples are z * T exactly
-    model = RealNVP(3, 2, 4, 1, Stabilizers(zero_init=True), image_size=8).double().eval()
+    model = RealNVP(3, 2, 4, 1, FlowOptions(zero_init=True), image_size=8).double().eval()
     draws = {}
     for t in (1.0, 0.5):
         x = model.sample(256, temperature=t, generator=torch.Generator().manual_seed(0), clamp=False)
@@ -134,11 +133,11 @@ def test_sample_shape_range_and_mode():
 
 
 def test_l2_parameters_follow_weight_norm_switch():
-    with_wn = RealNVP(3, 2, 4, 1, Stabilizers(weight_norm=True), image_size=4)
+    with_wn = RealNVP(3, 2, 4, 1, FlowOptions(weight_norm=True), image_size=4)
     names = {id(p): n for n, p in with_wn.named_parameters()}
     wn = [names[id(p)] for p in with_wn.l2_parameters()]
     assert wn and all(n.endswith("original0") or n.endswith("rescale") for n in wn)
-    no_wn = RealNVP(3, 2, 4, 1, Stabilizers(weight_norm=False, scale_fn="exp"), image_size=4)
+    no_wn = RealNVP(3, 2, 4, 1, FlowOptions(weight_norm=False, scale_fn="exp"), image_size=4)
     names = {id(p): n for n, p in no_wn.named_parameters()}
     plain = [names[id(p)] for p in no_wn.l2_parameters()]
     assert plain and all(n.endswith(".weight") for n in plain)
@@ -185,7 +184,7 @@ def test_bits_per_dim_hand_computed_gaussian():
 
 def test_model_bits_per_dim_of_identity_flow_is_closed_form():
     # zero-init model: z = logit(p); log p(x) = N(z) + logit log-det, computed here by hand
-    model = RealNVP(3, 2, 4, 1, Stabilizers(zero_init=True), image_size=4).double().eval()
+    model = RealNVP(3, 2, 4, 1, FlowOptions(zero_init=True), image_size=4).double().eval()
     x = torch.full((1, 3, 4, 4), 0.5, dtype=torch.float64)
     # p = 0.5, z = 0, log-det per dim = log 0.9 - 2 log 0.5
     per_dim = -0.5 * math.log(2 * math.pi) + math.log(0.9) + 2 * math.log(2)

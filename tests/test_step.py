@@ -8,15 +8,14 @@ import math
 import pytest
 import torch
 
-from study.config import Stabilizers
-from study.flows import RealNVP
-from study.training import lr_at, train_step
+from study.flows import FlowOptions, RealNVP
+from study.run.step import lr_at, train_step
 
 
 def _model(seed: int = 0, **stab) -> RealNVP:
     torch.manual_seed(seed)
     defaults = {"zero_init": False, "scale_fn": "tanh"}
-    return RealNVP(3, 2, 4, 1, Stabilizers(**{**defaults, **stab}), image_size=8).train()
+    return RealNVP(3, 2, 4, 1, FlowOptions(**{**defaults, **stab}), image_size=8).train()
 
 
 def _batch(n: int = 8, seed: int = 1) -> torch.Tensor:
@@ -161,7 +160,7 @@ def test_step_and_evaluation_never_draw_from_the_global_rng():
     """Resume does not need torch's global RNG: after set-up nothing draws from it (data, noise and
     sampling use their own generators). Checkpoints still store it, which costs nothing."""
     from study.data import train_batches
-    from study.training import evaluate
+    from study.run.step import evaluate
 
     model = _model()
     images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8)

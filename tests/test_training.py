@@ -11,9 +11,9 @@ import mlflow
 import pytest
 import torch
 
-from study import checkpoint
 from study.config import Config, ConfigError, apply_values, flatten
-from study.training import CRASH_ENV, POISON_ENV, RunSpec, lr_at, resolve_device, train
+from study.run import Hooks, RunSpec, checkpoint, resolve_device, train
+from study.run.step import lr_at
 from tests.conftest import TINY_RUN, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,8 +121,8 @@ def test_logged_metrics_equal_a_hand_computation(store, tmp_path):
     from the model's log_prob on the same batch, the lr of a warm-up, the Adam step size it implies,
     and validation/test bits/dim of the final checkpoint in eval mode."""
     from study.data import load_splits, train_batches
-    from study.flows import build_model
-    from study.training import model_from_checkpoint
+    from study.model import build_model
+    from study.run.state import model_from_checkpoint
 
     one_step = {"data.train_limit": 32, "train.batch_size": 32, "train.epochs": 1, "stabilizers.warmup_steps": 4}
     result = train(spec(store, tmp_path, **one_step))
@@ -161,10 +161,12 @@ def test_same_identity_is_not_run_twice(store, tmp_path):
     assert other_seed.run_id != first.run_id
 
 
-def _cli(store, tmp_path, *extra, env=None):
+def _cli(store, tmp_path, *extra, faults=()):
+    """The train command in a subprocess; ``faults`` (tests/faults.py) are injected through its Hooks."""
+    entry = [str(ROOT / "tests" / "faults.py"), *faults, "--"] if faults else [str(ROOT / "run_study.py")]
     cmd = [
         sys.executable,
-        str(ROOT / "run_study.py"),
+        *entry,
         "train",
         "--preset",
         "demo",
@@ -180,7 +182,7 @@ def _cli(store, tmp_path, *extra, env=None):
         *extra,
     ]
     return subprocess.Popen(
-        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
     )
 
 
@@ -220,7 +222,7 @@ def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
     assert client.get_run(run.info.run_id).data.metrics["test_bpd"] == reference.test_bpd
     # and pinned independently: the resumed run's final checkpoint evaluated by hand
     from study.data import load_splits
-    from study.training import model_from_checkpoint
+    from study.run.state import model_from_checkpoint
 
     ckpt = torch.load(Path(run2.data.tags["checkpoint_dir"]) / "last.pt", weights_only=True)
     model, cfg = model_from_checkpoint(ckpt)
@@ -229,7 +231,7 @@ def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
 
 
 def test_crash_between_checkpoint_and_logging_is_repaired(store, tmp_path):
-    proc = _cli(store, tmp_path, env={CRASH_ENV: "2"})
+    proc = _cli(store, tmp_path, faults=["crash-after-checkpoint=2"])
     proc.communicate(timeout=300)
     assert proc.returncode == 137
     client = mlflow.MlflowClient(store)
@@ -241,9 +243,23 @@ def test_crash_between_checkpoint_and_logging_is_repaired(store, tmp_path):
     assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
 
 
-def test_nan_restore_recovers_and_completes(store, tmp_path, monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "4")  # step 4 is in epoch 2 (3 steps per epoch)
-    result = train(spec(store, tmp_path, **{"stabilizers.nan_policy": "restore", "stabilizers.nan_lr_factor": 0.5}))
+class PoisonAt(Hooks):
+    """The loss of one global step is NaN, once (not again after the restore)."""
+
+    def __init__(self, step: int):
+        self.at = step
+
+    def loss(self, step, loss):
+        if step == self.at:
+            self.at = None
+            return loss * float("nan")
+        return loss
+
+
+def test_nan_restore_recovers_and_completes(store, tmp_path):
+    s = spec(store, tmp_path, **{"stabilizers.nan_policy": "restore", "stabilizers.nan_lr_factor": 0.5})
+    s.hooks = PoisonAt(4)  # step 4 is in epoch 2 (3 steps per epoch)
+    result = train(s)
     assert result.outcome == "recovered" and result.epochs == 3
     assert result.events == [{"epoch": 2, "step": 4, "cause": "non-finite loss", "amp": "off", "action": "restore"}]
     client = mlflow.MlflowClient(store)
@@ -256,9 +272,10 @@ def test_nan_restore_recovers_and_completes(store, tmp_path, monkeypatch):
     assert math.isfinite(result.test_bpd)
 
 
-def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path, monkeypatch):
-    monkeypatch.setenv(POISON_ENV, "4")
-    result = train(spec(store, tmp_path, **{"stabilizers.nan_policy": "stop"}))
+def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path):
+    s = spec(store, tmp_path, **{"stabilizers.nan_policy": "stop"})
+    s.hooks = PoisonAt(4)
+    result = train(s)
     assert result.outcome == "diverged" and result.test_bpd is None and result.epochs == 1
     client = mlflow.MlflowClient(store)
     run = client.get_run(result.run_id)
@@ -269,7 +286,7 @@ def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path, monkey
 
 
 def test_diverged_cli_run_exits_zero_and_says_so(store, tmp_path):
-    proc = _cli(store, tmp_path, env={POISON_ENV: "1"})
+    proc = _cli(store, tmp_path, faults=["poison-step=1"])
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert "non-finite loss at step 1" in out and ": diverged at epoch 1" in out

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from study.training import train
+from study.run import train
 from tests.test_training import spec
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -165,7 +165,7 @@ done
 # the training loop itself compiled, with CUDA graphs on a GPU (train/eval switches, optimizer outside)
 step train-compiled-demo 150 "$PY" "${TRAIN[@]}" --variant check-compiled --set stabilizers.amp=bf16 \
   --set train.compile=reduce-overhead
-step bench-optimisations 120 "$PY" scripts/bench_optimisations.py "${OPTIM[@]}" --device "$DEV"
+step bench-optimisations 120 "$PY" -m bench.optimisations "${OPTIM[@]}" --device "$DEV"
 
 # --- 4. one table, one archive ---------------------------------------------------------------------
 TOTAL=$((SECONDS - START))

@@ -1,7 +1,7 @@
 """Affine coupling layers (paper eq. 2 and section 3.4) with a swappable scale function.
 
 y_b = x_b;  y_(1-b) = x_(1-b) * exp(s(x_b)) + t(x_b);  log-det = sum of s over the updated half.
-The scale function is where the stabilizers differ (``Stabilizers.scale_fn`` and ``s_clamp``).
+The scale function is where the stabilizers differ (``FlowOptions.scale_fn`` and ``s_clamp``).
 s and t are computed in float32 even under autocast, so log-dets and the loss stay in fp32.
 """
 
@@ -13,19 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from study.config import Stabilizers
+from study.flows.options import FlowOptions
 from study.flows.resnet import STNet
 from study.flows.transforms import checkerboard
 
 
 class ScaleFunction(nn.Module):
-    """Network output h -> log-scale s; see Stabilizers for each kind's source.
+    """Network output h -> log-scale s; see study.config.Stabilizers for each kind's source.
 
     Each kind maps h = 0 to s = 0 (up to float rounding for softplus), so a zero-initialised
     network gives an identity coupling whatever the kind.
     """
 
-    def __init__(self, channels: int, stab: Stabilizers):
+    def __init__(self, channels: int, stab: FlowOptions):
         super().__init__()
         self.kind = stab.scale_fn
         self.clamp = stab.s_clamp
@@ -67,7 +67,7 @@ class _Coupling(nn.Module):
 class CheckerboardCoupling(_Coupling):
     """Coupling with a spatial checkerboard mask b: positions where b = 1 condition, the rest change."""
 
-    def __init__(self, channels: int, size: int, parity: int, mid_channels: int, num_blocks: int, stab: Stabilizers):
+    def __init__(self, channels: int, size: int, parity: int, mid_channels: int, num_blocks: int, stab: FlowOptions):
         super().__init__()
         # built once as a buffer; not saved in checkpoints since it is a pure function of the shape
         self.register_buffer("mask", checkerboard(size, parity), persistent=False)
@@ -94,7 +94,7 @@ class CheckerboardCoupling(_Coupling):
 class ChannelCoupling(_Coupling):
     """Coupling with a channel-wise mask: one half of the channels conditions, the other changes."""
 
-    def __init__(self, channels: int, parity: int, mid_channels: int, num_blocks: int, stab: Stabilizers):
+    def __init__(self, channels: int, parity: int, mid_channels: int, num_blocks: int, stab: FlowOptions):
         super().__init__()
         if channels % 2:
             raise ValueError(f"channel-wise coupling needs an even channel count, got {channels}")

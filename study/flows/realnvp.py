@@ -18,8 +18,8 @@ import math
 import torch
 from torch import nn
 
-from study.config import Stabilizers
 from study.flows.coupling import ChannelCoupling, CheckerboardCoupling
+from study.flows.options import FlowOptions
 from study.flows.transforms import BatchNormBijector, LogitTransform, squeeze, unsqueeze
 
 
@@ -50,7 +50,7 @@ class FlowSequence(nn.Module):
         return y, total
 
 
-def _with_bn(couplings: list[nn.Module], channels: int, stab: Stabilizers) -> list[nn.Module]:
+def _with_bn(couplings: list[nn.Module], channels: int, stab: FlowOptions) -> list[nn.Module]:
     """Insert the paper's batch-norm bijector after each coupling when the switch is on."""
     if not stab.bn_bijector:
         return couplings
@@ -63,7 +63,7 @@ def _with_bn(couplings: list[nn.Module], channels: int, stab: Stabilizers) -> li
 class Scale(nn.Module):
     """One scale of the multi-scale architecture, acting on (C, size, size)."""
 
-    def __init__(self, channels, size, mid_channels, num_blocks, last, stab: Stabilizers):
+    def __init__(self, channels, size, mid_channels, num_blocks, last, stab: FlowOptions):
         super().__init__()
         self.last = last
         n_checker = 4 if last else 3
@@ -98,18 +98,18 @@ class RealNVP(nn.Module):
         num_scales: int = 2,
         mid_channels: int = 64,
         num_blocks: int = 8,
-        stabilizers: Stabilizers | None = None,
+        options: FlowOptions | None = None,
         image_size: int = 32,
     ):
         super().__init__()
-        stab = stabilizers or Stabilizers()
+        stab = options or FlowOptions()
         if num_scales < 1:
             raise ValueError(f"num_scales must be >= 1, got {num_scales}")
         if image_size % (2 ** (num_scales - 1)) or image_size < 2**num_scales:
             raise ValueError(f"image_size {image_size} must be divisible by 2^(num_scales-1) and at least 2^num_scales")
         self.in_channels = in_channels
         self.image_size = image_size
-        self.stabilizers = stab
+        self.options = stab
         self.preprocess = LogitTransform(stab.logit_alpha, stab.logit_logdet, stab.input_clamp)
         scales = []
         channels, size, mid = in_channels, image_size, mid_channels
@@ -201,7 +201,7 @@ class RealNVP(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("parametrizations.weight.original0") or name.endswith("scale.rescale"):
                 params.append(p)
-            elif not self.stabilizers.weight_norm and name.endswith(".weight") and p.dim() == 4:
+            elif not self.options.weight_norm and name.endswith(".weight") and p.dim() == 4:
                 params.append(p)
         return params
 

@@ -47,7 +47,7 @@ class LogitTransform(nn.Module):
     The log-det is d/dx of that map, log(1 - 2 alpha) - log p - log(1 - p), counted in the
     likelihood. ``logdet_form="softplus"`` writes -log p - log(1 - p) as softplus(y) + softplus(-y)
     (chrischute/real-nvp), which is stable when p is near 0 or 1; both forms are the same function.
-    ``clamp`` > 0 clamps y to [-clamp, clamp] (see Stabilizers.input_clamp).
+    ``clamp`` > 0 clamps y to [-clamp, clamp] (see FlowOptions.input_clamp).
     """
 
     def __init__(self, alpha: float = 0.05, logdet_form: str = "softplus", clamp: float = 0.0):

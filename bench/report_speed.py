@@ -1,6 +1,6 @@
 """Time `report` on a fabricated study of RUNS runs x EPOCHS epochs in a temporary SQLite store.
 
-    .venv/bin/python scripts/bench_report.py [RUNS] [EPOCHS]
+    .venv/bin/python -m bench.report_speed [RUNS] [EPOCHS]
 
 The runs are real MLflow runs with every per-epoch metric the training loop logs; the audit and
 sample grids (which need checkpoints and artifacts) are left out, so this times collection,
@@ -12,13 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mlflow
+from mlflow.entities import Metric
 
-import mlflow  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
-
-from analysis.collect import HISTORY_METRICS  # noqa: E402
-from analysis.report import generate_report  # noqa: E402
+from analysis.report import generate_report
+from study.schema import HISTORY_METRICS
 
 
 def fabricate(uri: str, n_runs: int, n_epochs: int) -> None:

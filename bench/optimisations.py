@@ -1,14 +1,14 @@
 """Before/after timing of each speed optimisation of the training step, in one process.
 
-    .venv/bin/python scripts/bench_optimisations.py [--size paper] [--device cpu] [--batch 16] [--steps 4]
+    .venv/bin/python -m bench.optimisations [--size paper] [--device cpu] [--batch 16] [--steps 4]
 
-Each row times the same training step (forward, backward, clip, Adam; study.bench.prepare) without
+Each row times the same training step (forward, backward, clip, Adam; bench.timing.prepare) without
 and with one optimisation, alternating one step of each, so the ratio is measured on the same machine
 in the same run under the same conditions:
 
-- usual-repro -> ours: the usual reproduction's s/t network shape (study.reference_model) -> ours;
+- usual-repro -> ours: the usual reproduction's s/t network shape (bench.usual_repro) -> ours;
 - host syncs: a NaN check with a host sync after every coupling (as the usual reproduction) -> one
-  sync per step (study.training.train_step);
+  sync per step (study.run.step.train_step);
 - channels_last, bf16 autocast: off -> on;
 - weight-norm caching: ``parametrize.cached()`` around the step (kept out: see the result);
 - torch.compile (at the small size: a cold compile of the paper size takes minutes on a CPU);
@@ -21,15 +21,12 @@ Prints a Markdown table for the README.
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.nn.utils import parametrize
 
-import torch  # noqa: E402
-from torch.nn.utils import parametrize  # noqa: E402
-
-from study.bench import machine, prepare, quartiles, time_calls  # noqa: E402
-from study.flows.coupling import _Coupling  # noqa: E402
+from bench.timing import SIZES, machine, prepare, quartiles, time_calls
+from study.flows.coupling import _Coupling
 
 ROWS = []
 
@@ -125,11 +122,11 @@ def data_path(args):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="paper", choices=["paper", "small", "demo"])
+    parser.add_argument("--size", default="paper", choices=list(SIZES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--compile-size", default="small", choices=["paper", "small", "demo", "none"],
+    parser.add_argument("--compile-size", default="small", choices=[*SIZES, "none"],
                         help="size of the torch.compile row (none: leave it out)")  # fmt: skip
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

@@ -17,19 +17,16 @@ from types import SimpleNamespace
 
 import torch
 
+from experiments.presets import model_sizes
 from study.config import Config, apply_values
-from study.flows import build_model, forward_flops_per_image
+from study.flows import forward_flops_per_image
 from study.memory import peak_memory_mb, reset_peak_memory
-from study.training import autocast, check_amp, compile_fn, resolve_device, train_step
+from study.model import build_model
+from study.run.spec import resolve_device
+from study.run.step import Precision, autocast, compile_fn, train_step
 
-SIZES = {  # (num_scales, mid_channels, num_blocks)
-    "paper": (2, 64, 8),
-    "small": (2, 32, 2),
-    "demo": (2, 8, 1),
-}
-
-
-ARCHS = ("ours", "usual-repro")  # usual-repro: study.reference_model, the target's baseline
+SIZES = model_sizes()  # name -> (num_scales, mid_channels, num_blocks), from experiments/presets.py
+ARCHS = ("ours", "usual-repro")  # usual-repro: bench.usual_repro, the targets' baseline
 
 
 @dataclass
@@ -83,7 +80,7 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 @dataclass
 class Prepared:
     """A model set up for timing: ``step()`` runs one training step exactly as the loop does,
-    ``evaluate()`` one evaluation forward pass. scripts/bench_optimisations.py wraps these to time
+    ``evaluate()`` one evaluation forward pass. bench/optimisations.py wraps these to time
     the "before" of each optimisation."""
 
     model: torch.nn.Module
@@ -113,13 +110,13 @@ def prepare(
     if batch < 2:
         raise ValueError("--batch must be >= 2 (batch norm needs a batch)")
     dev = resolve_device(device)
-    check_amp(amp, dev)
+    precision = Precision.create(amp, dev)
     scales, mid, blocks = SIZES[size]
     cfg = apply_values(Config(), {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks})
     torch.manual_seed(0)
     model = build_model(cfg, image_size=image_size)
     if arch == "usual-repro":
-        from study.reference_model import reference_shaped
+        from bench.usual_repro import reference_shaped
 
         model = reference_shaped(model)
     model = model.to(dev)
@@ -131,7 +128,7 @@ def prepare(
     log_prob = model.log_prob if compile == "off" else compile_fn(model.log_prob, compile)
     stepper = SimpleNamespace(log_prob=log_prob)  # all train_step needs of a model
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    scaler = precision.scaler
     stab = cfg.stabilizers
     l2_params = model.l2_parameters() if stab.l2 > 0 else []
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -247,24 +244,24 @@ def log_results(results: list[BenchResult], tracking_uri: str | None, experiment
     """Record a bench table as one MLflow run: the machine and torch as tags, one metric per
     combination and quantity (e.g. ``bf16_cl.train_ips``). Returns the run id."""
     import mlflow
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
 
-    from study.tracking import git_commit, setup
+    from study import schema
+    from study.tracking import create_run, setup
 
-    setup(tracking_uri, experiment)
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
+    _, exp_id = setup(tracking_uri, experiment)
     first = results[0]
-    tags = {"kind": "bench", "size": first.size, "device": first.device, "torch_version": torch.__version__,
-            "threads": str(torch.get_num_threads()), "machine": machine(first.device),
-            "git_commit": git_commit()}  # fmt: skip
-    run = client.create_run(exp.experiment_id, tags=tags, run_name=f"bench-{first.size}-{first.device}")
+    tags = {schema.KIND: schema.KIND_BENCH, schema.SIZE: first.size, schema.DEVICE: first.device,
+            schema.TORCH_VERSION: torch.__version__, schema.THREADS: torch.get_num_threads(),
+            schema.MACHINE: machine(first.device)}  # fmt: skip
+    params = {"batch": first.batch, "params_m": f"{first.params_m:.3f}"}
+    run_id = create_run(exp_id, f"bench-{first.size}-{first.device}", tags, params)
+    client = mlflow.MlflowClient()
     metrics = []
     for r in results:
         name = f"{r.arch}.{r.amp}{'_cl' if r.channels_last else ''}{'' if r.compiled == 'off' else '_' + r.compiled}"
         for key in ("train_ips", "train_ips_lo", "train_ips_hi", "eval_ips", "train_gflops", "peak_memory_mb"):
             metrics.append(Metric(f"{name}.{key}", float(getattr(r, key)), 0, 0))
-    params = [Param("batch", str(first.batch)), Param("params_m", f"{first.params_m:.3f}")]
-    client.log_batch(run.info.run_id, metrics=metrics, params=params)
-    client.set_terminated(run.info.run_id, "FINISHED")
-    return run.info.run_id
+    client.log_batch(run_id, metrics=metrics)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

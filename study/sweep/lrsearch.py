@@ -1,9 +1,7 @@
-"""Optuna learning-rate search: log-uniform lr (optionally the warm-up length), objective = validation
-bits/dim in eval mode (never the test split), pruned per epoch, each trial a nested MLflow run.
-
-Storage is Optuna's own (SQLite file by default, PostgreSQL for several machines); re-running the
-command continues the study until it holds the requested number of finished trials, and a killed
-worker's trial is retried through heartbeats, resuming its MLflow run from the checkpoint.
+"""Optuna learning-rate search as a sweep: log-uniform lr (optionally the warm-up length), objective
+= validation bits/dim in eval mode (never the test split), pruned per epoch, each trial a nested
+MLflow run. Re-running the command continues the study until it holds the requested number of
+finished trials; a killed worker's trial is retried through heartbeats, resuming from its checkpoint.
 """
 
 from __future__ import annotations
@@ -15,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from study import workers as workers_mod
+from study import schema
 from study.config import Config, ConfigError, apply_values, identity
-from study.workers import heartbeat_storage
+from study.sweep import driver
 
 SAMPLERS = ("tpe", "grid", "gp")
 PRUNERS = ("median", "hyperband", "none")
@@ -50,6 +48,15 @@ class Search:
                           sort_keys=True)  # fmt: skip
         return f"lr-{self.variant}-{self.preset}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
+    @property
+    def sweep(self) -> driver.Sweep:
+        tags = {schema.VARIANT: self.variant, schema.PRESET: self.preset, schema.SAMPLER: self.sampler,
+                schema.PRUNER: str(self.pruner)}  # fmt: skip
+        params = {"search.low": self.low, "search.high": self.high, "search.trials": self.trials}
+        return driver.Sweep(self.name, self.storage, self.experiment, self.tracking_uri, self.name,
+                            {schema.LR_SEARCH: self.name, schema.KIND: schema.KIND_LR_SEARCH}, params, tags,
+                            self.heartbeat, self.grace)  # fmt: skip
+
 
 def make_search(
     base: Config, preset: str, variant: str | None, trials: int, low: float, high: float, sampler: str, pruner, **kw
@@ -75,10 +82,6 @@ def make_search(
     kw["experiment"] = kw.get("experiment") or f"lr-search-{preset}"
     kw["storage"] = kw.get("storage") or f"sqlite:///{Path.cwd() / 'optuna.db'}"
     return Search(base, preset, variant or "default", trials, low, high, sampler, pruner, **kw)
-
-
-def _storage(search: Search):
-    return heartbeat_storage(search.storage, search.heartbeat, search.grace)
 
 
 def _sampler(search: Search, worker: int, existing: int = 0):
@@ -107,32 +110,6 @@ def _pruner(search: Search):
     if search.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=search.base.train.epochs)
     return optuna.pruners.NopPruner()
-
-
-def prepare(search: Search) -> str:
-    """Create the stores and the Optuna study once; return the MLflow parent run id."""
-    import mlflow
-    import optuna
-
-    from study.tracking import git_commit, setup
-
-    _, exp_id = setup(search.tracking_uri, search.experiment)
-    optuna.create_study(study_name=search.name, storage=_storage(search), direction="minimize",
-                        load_if_exists=True)  # fmt: skip
-    client = mlflow.MlflowClient()
-    found = client.search_runs([exp_id], filter_string=f"tags.lr_search = '{search.name}' and tags.kind = 'lr-search'")
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    tags = {"kind": "lr-search", "lr_search": search.name, "variant": search.variant, "preset": search.preset,
-            "sampler": search.sampler, "pruner": str(search.pruner), "git_commit": git_commit()}  # fmt: skip
-    run = client.create_run(exp_id, tags=tags, run_name=search.name)
-    from mlflow.entities import Param
-
-    params = [Param("search.low", str(search.low)), Param("search.high", str(search.high)),
-              Param("search.trials", str(search.trials))]  # fmt: skip
-    client.log_batch(run.info.run_id, params=params)
-    return run.info.run_id
 
 
 def _finished(study) -> int:
@@ -165,14 +142,12 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
     import torch
 
     from study.data import load_splits
-    from study.training import RunPruned, RunSpec, train
+    from study.run import RunPruned, RunSpec, train
 
     if threads:
         torch.set_num_threads(threads)
-    storage = _storage(search)
-    existing = len(optuna.load_study(study_name=search.name, storage=storage).trials)
-    study = optuna.load_study(study_name=search.name, storage=storage,
-                              sampler=_sampler(search, worker, existing), pruner=_pruner(search))  # fmt: skip
+    existing = len(driver.load(search.sweep).trials)
+    study = driver.load(search.sweep, sampler=_sampler(search, worker, existing), pruner=_pruner(search))
     splits = load_splits(search.base.data)
 
     def objective(trial: optuna.Trial) -> float:
@@ -196,18 +171,14 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
         echo(f"[worker {worker}] trial {trial.number}: lr {lr:.3g}")
         spec = RunSpec(cfg=cfg, preset=search.preset, variant=search.variant, experiment=search.experiment,
                        tracking_uri=search.tracking_uri, device=search.device, checkpoint_root=search.checkpoint_root,
-                       parent_run_id=parent, tags={"lr_search": search.name, "trial": str(trial.number)},
+                       parent_run_id=parent, tags={schema.LR_SEARCH: search.name, schema.TRIAL: str(trial.number)},
                        echo=lambda s: echo(f"[worker {worker}] trial {trial.number}: {s}"), progress=False,
                        on_epoch=on_epoch, evaluate_test=False)  # fmt: skip
         result = train(spec, splits=splits)
-        trial.set_user_attr("mlflow_run_id", result.run_id)
-        trial.set_user_attr("outcome", result.outcome)
+        value = driver.record_trial(trial, result)
         if result.outcome == "pruned":
             raise optuna.TrialPruned()
-        if result.outcome == "diverged":
-            trial.set_user_attr("cause", result.events[-1]["cause"] if result.events else "unknown")
-            return math.inf  # a result, not a failure: the search goes on and TPE learns to avoid it
-        return result.val_bpd
+        return value
 
     def enough(study, _trial) -> None:
         if _finished(study) >= search.trials:
@@ -224,10 +195,9 @@ def _worker_main(search: Search, parent: str, worker: int, threads: int) -> None
 
 def trials_frame(search: Search):
     """One row per trial: number, state, lr, value, outcome, mlflow_run_id."""
-    import optuna
     import pandas as pd
 
-    study = optuna.load_study(study_name=search.name, storage=_storage(search))
+    study = driver.load(search.sweep)
     rows = [{"trial": t.number, "state": t.state.name, "lr": t.params.get("lr"),
              "warmup_steps": t.params.get("warmup_steps"), "value": t.value,
              "last_reported": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
@@ -239,40 +209,35 @@ def trials_frame(search: Search):
 
 def run(search: Search, workers: int = 1, echo: Callable[[str], None] = print):
     """The whole search: prepare, work (in ``workers`` processes), record the best on the parent."""
-    import time
-
     import mlflow
     import optuna
     from mlflow.entities import Metric, RunTag
 
-    parent = prepare(search)
+    sweep = search.sweep
+    parent = driver.prepare(sweep)
     echo(f"search {search.name}: {search.trials} trials, lr in [{search.low:g}, {search.high:g}], "
          f"{search.sampler} sampler, {search.pruner} pruner; MLflow parent {parent}")  # fmt: skip
-    status = "KILLED"
+
+    def done() -> bool:
+        study = driver.load(sweep)
+        optuna.storages.fail_stale_trials(study)
+        return _finished(study) >= search.trials
+
+    finished = False
     try:
-        while True:
-            if workers == 1:
-                work(search, parent, 0, echo)
-            else:
-                for p in workers_mod.start(_worker_main, workers, search, parent):
-                    p.join()
-            study = optuna.load_study(study_name=search.name, storage=_storage(search))
-            optuna.storages.fail_stale_trials(study)
-            if _finished(study) >= search.trials:
-                break
-            echo(f"waiting for trials held by other workers (stale after {search.grace} s)")
-            time.sleep(max(1, search.heartbeat))
-        status = "FINISHED"
+        driver.run_until_done(sweep, workers, lambda: work(search, parent, 0, echo), _worker_main, (search, parent),
+                              done, echo=echo, poll_s=max(1, search.heartbeat))  # fmt: skip
+        finished = True
     finally:
-        mlflow.MlflowClient().set_terminated(parent, status)
+        driver.finish(sweep, parent, finished)
     frame = trials_frame(search)
     frame = frame[~frame["duplicate"]].reset_index(drop=True)
     complete = frame[(frame["state"] == "COMPLETE") & frame["value"].map(lambda v: v is not None and math.isfinite(v))]
-    client = mlflow.MlflowClient()
     if len(complete):
         best = complete.loc[complete["value"].idxmin()]
-        client.log_batch(parent, metrics=[Metric("best_val_bpd", float(best["value"]), 0, 0),
-                                          Metric("best_lr", float(best["lr"]), 0, 0)],
-                         tags=[RunTag("best_trial", str(int(best["trial"]))),
-                               RunTag("best_run_id", str(best["mlflow_run_id"]))])  # fmt: skip
+        metrics = [Metric(schema.BEST_VAL_BPD, float(best["value"]), 0, 0),
+                   Metric(schema.BEST_LR, float(best["lr"]), 0, 0)]  # fmt: skip
+        tags = [RunTag(schema.BEST_TRIAL, str(int(best["trial"]))),
+                RunTag(schema.BEST_RUN_ID, str(best["mlflow_run_id"]))]  # fmt: skip
+        mlflow.MlflowClient().log_batch(parent, metrics=metrics, tags=tags)
     return frame, (complete.loc[complete["value"].idxmin()] if len(complete) else None)

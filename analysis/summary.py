@@ -8,7 +8,8 @@ from study.config import Config, flatten
 def model_summary(cfg: Config) -> str:
     from analysis.baselines import histogram_bpd
     from study.data import load_splits
-    from study.flows import build_model, forward_flops_per_image, num_parameters
+    from study.flows import forward_flops_per_image, num_parameters
+    from study.model import build_model
 
     splits = load_splits(cfg.data)
     channels, size, _ = splits.shape

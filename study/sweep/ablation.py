@@ -1,28 +1,23 @@
-"""The ablation grid (variant x seed) run through Optuna and MLflow, resumable and spread over workers.
+"""The ablation grid (variant x seed) as a sweep: a search space and an objective on the driver.
 
-No home-made scheduler: the grid is an Optuna study with a GridSampler in RDB storage (SQLite on one
-machine, PostgreSQL for several), so every worker that points at the same storage takes cells that
-no one else took. A killed worker's cell is failed by Optuna's heartbeat and re-queued by its
-stale-trial retry callback. Each cell is one MLflow child run under the study's parent run; the
-cell's run identity (variant + full config) makes a cell that is handed out twice train only once,
-and a re-run of an interrupted cell resumes from its checkpoint.
+The grid is an Optuna GridSampler over (variant, seed); each cell is one MLflow child run of the
+study's parent. The cell's run identity (variant + full config) makes a cell that is handed out twice
+train only once, and a re-run of an interrupted cell resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.ablation import Variant, get_study
-from study import workers as workers_mod
+from study import schema
 from study.config import Config, ConfigError, apply_values, flatten, identity
-from study.workers import heartbeat_storage
+from study.sweep import driver
 
 HEARTBEAT_S = 10  # a worker's trial is stale after GRACE_S without a heartbeat
 GRACE_S = 30
@@ -63,6 +58,14 @@ class Plan:
     @property
     def cells(self) -> list[tuple[str, int]]:
         return [(v.name, s) for v in self.variants for s in self.seeds]
+
+    @property
+    def sweep(self) -> driver.Sweep:
+        tags = {schema.STUDY: self.study, schema.PRESET: self.preset, schema.KIND: schema.KIND_STUDY_PARENT,
+                **self.tags}  # fmt: skip
+        return driver.Sweep(self.optuna_name, self.storage, self.experiment, self.tracking_uri,
+                            f"{self.study}-{self.preset}", {schema.ABLATION_KEY: self.key}, flatten(self.base), tags,
+                            self.heartbeat, self.grace)  # fmt: skip
 
 
 def make_plan(
@@ -122,11 +125,7 @@ def describe(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-# --- stores -----------------------------------------------------------------------------------------
-
-
-def _storage(plan: Plan):
-    return heartbeat_storage(plan.storage, plan.heartbeat, plan.grace)
+# --- the grid's cells ---------------------------------------------------------------------------------
 
 
 def _sampler(plan: Plan):
@@ -138,38 +137,8 @@ def _sampler(plan: Plan):
     return optuna.samplers.GridSampler(space, seed=0)
 
 
-def prepare(plan: Plan) -> str:
-    """Create the stores, the experiment, the Optuna study and the parent run once, before any
-    worker starts (concurrent creation of a SQLite store races). Returns the parent run id."""
-    import mlflow
-    import optuna
-
-    from study.tracking import setup
-
-    _, exp_id = setup(plan.tracking_uri, plan.experiment)
-    optuna.create_study(study_name=plan.optuna_name, storage=_storage(plan), load_if_exists=True)
-    client = mlflow.MlflowClient()
-    found = client.search_runs([exp_id], filter_string=f"tags.ablation_key = '{plan.key}'")
-    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
-    if parents:
-        parent = parents[0].info.run_id
-        client.update_run(parent, status="RUNNING")
-        return parent
-    from study.tracking import git_commit
-
-    tags = {"ablation_key": plan.key, "study": plan.study, "preset": plan.preset, "kind": "study-parent",
-            "git_commit": git_commit(), **plan.tags}  # fmt: skip
-    run = client.create_run(exp_id, tags=tags, run_name=f"{plan.study}-{plan.preset}")
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in flatten(plan.base).items()])
-    return run.info.run_id
-
-
 def _load_study(plan: Plan):
-    import optuna
-
-    return optuna.load_study(study_name=plan.optuna_name, storage=_storage(plan), sampler=_sampler(plan))
+    return driver.load(plan.sweep, sampler=_sampler(plan))
 
 
 def cell_states(study) -> dict[tuple[str, int], str]:
@@ -210,15 +179,28 @@ def requeue(plan: Plan, study) -> int:
     return queued
 
 
-# --- a worker -----------------------------------------------------------------------------------------
-
-
 def _device_for(plan: Plan, worker: int) -> str:
     import torch
 
     if plan.device in ("cuda", "auto") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
         return f"cuda:{worker % torch.cuda.device_count()}"  # one worker per GPU, round-robin
     return plan.device
+
+
+def _held_elsewhere(study, trial, variant: str, seed: int) -> bool:
+    """True when another live trial already holds this cell, or a finished one completed it."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
+        if t.number != trial.number and t.params.get("variant") == variant and t.params.get("seed") == seed:
+            if t.state == TrialState.COMPLETE or t.number < trial.number:
+                return True
+    return False
+
+
+def _grid_taken(plan: Plan, study) -> bool:
+    states = cell_states(study)
+    return all(states.get(c) in ("COMPLETE", "RUNNING") for c in plan.cells)
 
 
 def work(
@@ -234,7 +216,7 @@ def work(
     import torch
 
     from study.data import load_splits
-    from study.training import RunSpec, train
+    from study.run import RunSpec, train
 
     if threads:
         torch.set_num_threads(threads)
@@ -256,40 +238,23 @@ def work(
         echo(f"[worker {worker}] cell {variant.name} seed {seed}: training")
         spec = RunSpec(cfg=cfg, preset=plan.preset, variant=variant.name, experiment=plan.experiment,
                        tracking_uri=plan.tracking_uri, device=device, checkpoint_root=plan.checkpoint_root,
-                       parent_run_id=parent_run_id, tags={"study": plan.study, "ablation_key": plan.key},
+                       parent_run_id=parent_run_id, tags={schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key},
                        echo=lambda s: echo(f"[worker {worker}] {variant.name} s{seed}: {s}"),
                        progress=False)  # fmt: skip
-        result = train(spec, splits=splits)
-        trial.set_user_attr("mlflow_run_id", result.run_id)
-        trial.set_user_attr("outcome", result.outcome)
-        # a diverged cell is a result, not a failure: it completes with an infinite value
-        return result.val_bpd if result.outcome != "diverged" and math.isfinite(result.val_bpd) else math.inf
+        return driver.record_trial(trial, train(spec, splits=splits))
 
     def stop_when_grid_is_taken(study, trial) -> None:
         nonlocal done
         done += 1
         if progress:
             _print_progress(plan, echo, None)
-        states = cell_states(study)
-        if all(states.get(c) in ("COMPLETE", "RUNNING") for c in plan.cells):
+        if _grid_taken(plan, study):
             study.stop()
 
-    states = cell_states(study)
-    if all(states.get(c) in ("COMPLETE", "RUNNING") for c in plan.cells):
+    if _grid_taken(plan, study):
         return 0
     study.optimize(objective, callbacks=[stop_when_grid_is_taken], catch=())
     return done
-
-
-def _held_elsewhere(study, trial, variant: str, seed: int) -> bool:
-    """True when another live trial already holds this cell, or a finished one completed it."""
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE)):
-        if t.number != trial.number and t.params.get("variant") == variant and t.params.get("seed") == seed:
-            if t.state == TrialState.COMPLETE or t.number < trial.number:
-                return True
-    return False
 
 
 def _worker_main(plan: Plan, parent_run_id: str, worker: int, threads: int) -> None:
@@ -304,19 +269,18 @@ def summary_rows(plan: Plan) -> list[dict]:
     """One row per variant: cells done / running / left, and the latest validation bits/dim."""
     import mlflow
 
-    study = _load_study(plan)
-    states = cell_states(study)
+    states = cell_states(_load_study(plan))
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(plan.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.ablation_key = '{plan.key}'")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{schema.ABLATION_KEY} = '{plan.key}'")
     rows = []
     for v in plan.variants:
-        mine = [r for r in runs if r.data.tags.get("variant") == v.name
-                and int(r.data.tags.get("seed", -1)) in plan.seeds]  # fmt: skip
+        mine = [r for r in runs if r.data.tags.get(schema.VARIANT) == v.name
+                and int(r.data.tags.get(schema.SEED, -1)) in plan.seeds]  # fmt: skip
         cells = [states.get((v.name, s)) for s in plan.seeds]
-        vals = [r.data.metrics["val_bpd"] for r in mine if "val_bpd" in r.data.metrics]
-        tests = [r.data.metrics["test_bpd"] for r in mine if "test_bpd" in r.data.metrics]
-        outcomes = [r.data.tags.get("outcome") for r in mine if r.data.tags.get("outcome")]
+        vals = [r.data.metrics[schema.VAL_BPD] for r in mine if schema.VAL_BPD in r.data.metrics]
+        tests = [r.data.metrics[schema.TEST_BPD] for r in mine if schema.TEST_BPD in r.data.metrics]
+        outcomes = [r.data.tags.get(schema.OUTCOME) for r in mine if r.data.tags.get(schema.OUTCOME)]
         rows.append({
             "variant": v.name,
             "done": sum(c == "COMPLETE" for c in cells),
@@ -334,37 +298,23 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
     that other machines hold; returns the final summary rows."""
     import pandas as pd
 
-    parent = prepare(plan)
+    parent = driver.prepare(plan.sweep)
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
-    last = None
-    try:
-        while True:
-            requeue(plan, _load_study(plan))
-            if workers == 1:
-                work(plan, parent, 0, echo, progress=True)
-            else:
-                procs = workers_mod.start(_worker_main, workers, plan, parent)
-                while any(p.is_alive() for p in procs):
-                    time.sleep(poll_s)
-                    last = _print_progress(plan, echo, last)
-                for p in procs:
-                    p.join()
-                if any(p.exitcode not in (0, None) for p in procs):
-                    echo(f"warning: a worker exited with {[p.exitcode for p in procs]}; its cells are re-queued")
-            states = cell_states(_load_study(plan))
-            pending = [c for c in plan.cells if states.get(c) != "COMPLETE"]
-            if not pending:
-                break
-            # cells held by a live worker elsewhere, or by a killed one whose heartbeat is not yet stale
-            last = _print_progress(plan, echo, last)
-            echo(f"waiting for {len(pending)} cell(s) held by other workers (stale after {plan.grace} s)")
-            time.sleep(poll_s)
-    finally:
-        import mlflow
+    last = [None]
 
+    def progress() -> None:
+        last[0] = _print_progress(plan, echo, last[0])
+
+    def done() -> bool:
         states = cell_states(_load_study(plan))
-        finished = all(states.get(c) == "COMPLETE" for c in plan.cells)
-        mlflow.MlflowClient().set_terminated(parent, "FINISHED" if finished else "KILLED")
+        return all(states.get(c) == "COMPLETE" for c in plan.cells)
+
+    try:
+        driver.run_until_done(plan.sweep, workers, lambda: work(plan, parent, 0, echo, progress=True), _worker_main,
+                              (plan, parent), done, lambda: requeue(plan, _load_study(plan)), progress, echo,
+                              poll_s)  # fmt: skip
+    finally:
+        driver.finish(plan.sweep, parent, done())
     rows = summary_rows(plan)
     echo(pd.DataFrame(rows).to_string(index=False))
     return rows

@@ -1,0 +1,41 @@
+"""The NaN policy: what a run does when a step's loss or gradient is not finite.
+
+``stop`` ends the run with outcome ``diverged`` (earlier epochs are kept). ``restore`` reloads the
+last good checkpoint, optionally with AMP off and a lower learning rate (the seed report's advice),
+and a new batch order, at most ``nan_retries`` times; the run then ends ``recovered``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from study.config import Stabilizers
+from study.run import checkpoint
+from study.run.state import RunState, restore
+from study.run.step import Precision
+
+
+def event(epoch: int, step: int, loss: float, amp: str) -> dict[str, Any]:
+    """One divergence, as recorded in the run's events."""
+    cause = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient"
+    return {"epoch": epoch, "step": step, "cause": cause, "amp": amp}
+
+
+def decide(stab: Stabilizers, retries: int) -> str:
+    """``stop`` or ``restore``: restore while the policy allows and retries are left."""
+    return "restore" if stab.nan_policy == "restore" and retries < stab.nan_retries else "stop"
+
+
+def restore_last_good(st: RunState, stab: Stabilizers, seed: int, ckpt_dir: Path, device: torch.device) -> None:
+    """Reload the newest checkpoint into ``st`` and apply the policy's changes for the next attempt."""
+    st.retries += 1
+    restore(st, checkpoint.load(ckpt_dir, map_location=device)[0], device, bookkeeping=False)
+    if stab.nan_amp_off:
+        st.precision = Precision.off()
+    st.lr_factor *= stab.nan_lr_factor
+    # a different batch order, so a data-driven NaN is not replayed step for step
+    st.gen.manual_seed(seed + 1000 * st.retries)

@@ -1,0 +1,156 @@
+"""One training run from start to end: check the request, find or create its MLflow run, build or
+resume its state, and hand it to the epoch loop. A run has an *identity* (the hash of its variant and
+full configuration); running the same identity again continues the same MLflow run from its last
+checkpoint. Under torchrun, rank 0 leads (MLflow, checkpoints) and the other ranks follow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from study import distributed, schema
+from study.config import ConfigError, flatten, unflatten
+from study.data import ImageSplits, load_splits
+from study.run import checkpoint
+from study.run.loop import Run, train_to_the_end
+from study.run.spec import RunResult, RunSpec, finished_result, resolve_device, run_key
+from study.run.state import new_state, restore, to_checkpoint
+from study.run.step import check_amp
+from study.tracking import NullLogger, RunLogger, create_run, find_run, setup
+
+
+def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str | None = None) -> RunResult:
+    """Train one run as ``spec`` says (or continue ``resume_run_id``); returns its result.
+
+    User errors (bad config, missing data, unusable device) raise ConfigError / DataError before
+    any MLflow run or file is created.
+    """
+    cfg = spec.cfg
+    d = distributed.from_env()
+    device = resolve_device(spec.device)
+    check_amp(cfg.stabilizers.amp, device)
+    if d.enabled and resume_run_id is not None:
+        raise ConfigError("--resume under torchrun: re-run the same command instead (the run identity resumes it)")
+    if d.enabled and cfg.train.compile != "off":
+        raise ConfigError("train.compile under torchrun is not supported: set train.compile=off")
+    if d.enabled and cfg.train.batch_size % d.world:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {d.world} processes")
+    if resume_run_id is None:
+        splits = splits or load_splits(cfg.data)
+    device = distributed.init(d, device)
+    try:
+        if d.main:
+            result = _lead(spec, splits, resume_run_id, d, device)
+        else:
+            spec.echo = lambda _line: None  # one process speaks and logs
+            result = _follow(spec, splits, d, device)
+    except BaseException:
+        distributed.shutdown(d, clean=False)
+        raise
+    distributed.shutdown(d, clean=True)
+    return result
+
+
+def _named_run(spec: RunSpec, client, resume_run_id: str, uri: str, device: torch.device):
+    """``--resume RUN_ID``: the run, with spec's config, variant and preset taken from its checkpoint."""
+    try:
+        existing = client.get_run(resume_run_id)
+    except Exception:
+        raise ConfigError(f"--resume {resume_run_id}: no such run in {uri}") from None
+    found = checkpoint.load(Path(existing.data.tags.get(schema.CHECKPOINT_DIR, "")))
+    if found is None:
+        raise ConfigError(f"--resume {resume_run_id}: its checkpoint directory has no readable checkpoint")
+    spec.cfg = unflatten(found[0]["config"])
+    spec.variant = existing.data.tags.get(schema.VARIANT, spec.variant)
+    spec.preset = existing.data.tags.get(schema.PRESET, spec.preset)
+    check_amp(spec.cfg.stabilizers.amp, device)
+    return existing
+
+
+def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tuple[str, Path]:
+    """Create the MLflow run with its params and tags; its checkpoints go to ROOT/EXPERIMENT/RUN_ID."""
+    tags = {schema.RUN_KEY: key, schema.PRESET: spec.preset, schema.VARIANT: spec.variant,
+            schema.SEED: spec.cfg.train.seed, schema.DEVICE: device, schema.TORCH_VERSION: torch.__version__,
+            schema.THREADS: torch.get_num_threads(), **spec.tags}  # fmt: skip
+    name = spec.run_name or f"{spec.variant}-s{spec.cfg.train.seed}"
+    run_id = create_run(exp_id, name, tags, flatten(spec.cfg), spec.parent_run_id)
+    ckpt_dir = (spec.checkpoint_root / spec.experiment / run_id).resolve()
+    RunLogger(run_id).tags({schema.CHECKPOINT_DIR: ckpt_dir})
+    return run_id, ckpt_dir
+
+
+def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device) -> RunResult:
+    """Rank 0 (or the only process): find or create the MLflow run, then train it."""
+    import mlflow
+
+    uri, exp_id = setup(spec.tracking_uri, spec.experiment)
+    client = mlflow.MlflowClient()
+    existing = None
+    if resume_run_id is not None:
+        existing = _named_run(spec, client, resume_run_id, uri, device)
+        splits = splits or load_splits(spec.cfg.data)
+        exp_id = existing.info.experiment_id
+    cfg = spec.cfg
+    key = run_key(spec.variant, cfg)
+    if existing is None and not spec.fresh:
+        existing = find_run(exp_id, key)
+    if existing is not None and existing.info.status == "FINISHED" and schema.OUTCOME in existing.data.tags:
+        outcome = existing.data.tags[schema.OUTCOME]
+        spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
+        distributed.broadcast({"done": True}, d)
+        return finished_result(existing)
+
+    st = new_state(cfg, splits.shape, device)
+    found = None
+    if existing is not None:
+        run_id = existing.info.run_id
+        ckpt_dir = Path(existing.data.tags[schema.CHECKPOINT_DIR])
+        found = checkpoint.load(ckpt_dir, map_location=device)
+        if found is not None and found[0].get("mlflow_run_id") != run_id:
+            spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
+            found = None
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
+    if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
+        checkpoint.save(ckpt_dir, to_checkpoint(st, cfg, splits.shape, run_id))
+    distributed.broadcast({"done": False, "run_id": run_id, "ckpt_dir": str(ckpt_dir)}, d)
+    run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st)
+    if found is not None:
+        _resume(run, st, found)
+    return train_to_the_end(run, st)
+
+
+def _follow(spec: RunSpec, splits: ImageSplits, d, device) -> RunResult:
+    """A rank other than 0 under torchrun: build the same model, learn from rank 0 which run and
+    checkpoint it is, and train in lockstep without touching MLflow."""
+    info = distributed.broadcast(None, d)
+    if info["done"]:
+        return RunResult("", "completed", 0, float("nan"), None, [], already_done=True)
+    st = new_state(spec.cfg, splits.shape, device)
+    ckpt_dir = Path(info["ckpt_dir"])
+    found = checkpoint.load(ckpt_dir, map_location=device)
+    run = _run(spec, splits, d, device, info["run_id"], ckpt_dir, NullLogger(), st)
+    if found is not None and found[0]["epoch"] > 0:  # at epoch 0 every rank starts from the seed's init
+        _resume(run, st, found)
+    return train_to_the_end(run, st)
+
+
+def _run(spec, splits, d, device, run_id, ckpt_dir, log, st) -> Run:
+    data = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
+    ddp = distributed.wrap(st.model, d, device) if d.enabled else None
+    l2_params = st.model.l2_parameters() if spec.cfg.stabilizers.l2 > 0 else []
+    return Run(spec, spec.cfg, device, d, data, splits.shape, run_id, ckpt_dir, log, ddp, l2_params)
+
+
+def _resume(run: Run, st, found) -> None:
+    """Continue from a checkpoint; log the epochs it holds that MLflow never heard of (a crash
+    between checkpoint and logging)."""
+    state, path = found
+    restore(st, state, run.device)
+    run.spec.echo(f"resuming run {run.run_id} after epoch {state['epoch']} from {path}")
+    for entry in st.history:
+        if int(entry[schema.EPOCH]) not in run.log.logged:
+            run.log.metrics(entry, step=int(entry[schema.EPOCH]))

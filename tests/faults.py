@@ -1,0 +1,51 @@
+"""Fault injection for command-line runs: patch the run's Hooks, then run the command line.
+
+    python tests/faults.py poison-step=1 crash-after-checkpoint=2 -- train --preset demo ...
+
+``poison-step=N`` makes the loss of global step N NaN once per process (as a real NaN would be,
+once); ``crash-after-checkpoint=E`` exits like SIGKILL right after epoch E's checkpoint, before MLflow
+hears of the epoch. Nothing here is imported by the harness: production runs use study.run.Hooks as is.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PoisonAt:
+    """A Hooks.loss that makes one global step's loss NaN, once (not again after a restore)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, step, loss):  # a plain callable on the class: not bound to the Hooks instance
+        if self.step is not None and step == self.step:
+            self.step = None
+            return loss * float("nan")
+        return loss
+
+
+def install(faults: list[str]) -> None:
+    from study.run.spec import Hooks
+
+    for fault in faults:
+        name, _, value = fault.partition("=")
+        if name == "poison-step":
+            Hooks.loss = PoisonAt(int(value))
+        elif name == "crash-after-checkpoint":
+            Hooks.after_checkpoint = lambda _hooks, epoch, at=int(value): os._exit(137) if epoch == at else None
+        else:
+            raise SystemExit(f"unknown fault {fault!r}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    split = sys.argv.index("--")
+    install(sys.argv[1:split])
+    import run_study
+
+    run_study.cli(sys.argv[split + 1 :], prog_name="run_study.py")
