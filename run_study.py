@@ -17,8 +17,11 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def _config(preset: str, data: str | None, overrides: tuple[str, ...]):
+def _config(preset: str, data: str | None, overrides: tuple[str, ...], variant: str | None = None):
+    """The preset, with --data and --set applied, then the overrides of an ablation variant (which a
+    --set may not contradict: a run's variant tag never disagrees with its config)."""
     from experiments.presets import preset_config
+    from experiments.studies import find_variant
     from study.config import apply_values, parse_overrides
     from study.data import DataError, parse_data_spec
 
@@ -26,7 +29,15 @@ def _config(preset: str, data: str | None, overrides: tuple[str, ...]):
         cfg = preset_config(preset)
         values: dict[str, object] = dict(parse_data_spec(data)) if data else {}
         values.update(parse_overrides(overrides))
+        if variant is not None:
+            v = find_variant(variant)
+            clash = sorted(k for k in parse_overrides(overrides) if k in v.overrides)
+            if clash:
+                raise ConfigError(f"--set {clash[0]} contradicts variant {variant!r}, which sets it: drop one of them")
+            values.update(v.overrides)
         return apply_values(cfg, values)
+    except KeyError as e:
+        _fail(str(e.args[0]))
     except (ConfigError, DataError) as e:
         _fail(str(e))
 
@@ -74,7 +85,7 @@ EXPERIMENT_OPT = click.option("--experiment", default=None, help="MLflow experim
 @EXPERIMENT
 @TRACKING
 @DEVICE
-@click.option("--variant", default="default", show_default=True, help="name recorded with the run")
+@click.option("--variant", default=None, help="an ablation variant: its overrides are applied and its name recorded")
 @CHECKPOINT_DIR
 @click.option("--resume", "resume_run_id", default=None, help="continue this MLflow run from its last checkpoint")
 @click.option("--fresh", is_flag=True, help="start a new run even if one with the same identity exists")
@@ -98,9 +109,10 @@ def train(
         extra += (f"train.seed={seed}",)
     if epochs is not None:
         extra += (f"train.epochs={epochs}",)
-    cfg = _config(preset, data, extra)
+    cfg = _config(preset, data, extra, variant)
     from pathlib import Path
 
+    from experiments.studies import find_variant
     from study.data import DataError
     from study.run import RunSpec
     from study.run import train as train_run
@@ -108,7 +120,9 @@ def train(
     spec = RunSpec(
         cfg=cfg,
         preset=preset,
-        variant=variant,
+        variant=variant or "default",
+        description=find_variant(variant).rationale if variant else "",
+        source="run_study.py train",
         experiment=experiment,
         tracking_uri=tracking_uri,
         device=device,
@@ -165,7 +179,7 @@ def ablation(
     grace,
 ):
     """Run an ablation study: every (variant, seed) cell, resumable, over workers (Optuna + MLflow)."""
-    from experiments.ablation import STUDIES, STUDY_DESCRIPTIONS
+    from experiments.studies import STUDIES, STUDY_DESCRIPTIONS
 
     if list_ or not study_name:
         for name, variants in STUDIES.items():

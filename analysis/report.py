@@ -96,19 +96,17 @@ def _conclusions(eff: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _samples(runs: pd.DataFrame, tmp: Path) -> dict[str, Path]:
+def _samples(runs: pd.DataFrame, tmp: Path, uri: str) -> dict[str, Path]:
     """The last sample grid at temperature 0.7 of each variant's lowest-seed run, where it is stored."""
-    import mlflow
+    from study.tracking import download_artifact
 
     grids = {}
     for variant, r in runs.groupby("variant", sort=True):
         first = r.sort_values("seed").iloc[0]
-        name = f"samples/epoch_{int(first['epochs']):03d}_t0.7.png"
+        name = schema.sample_artifact(int(first["epochs"]), 0.7)
         try:
-            local = mlflow.artifacts.download_artifacts(run_id=first["run_id"], artifact_path=name,
-                                                        dst_path=str(tmp / variant))  # fmt: skip
-            grids[variant] = Path(local)
-        except Exception:  # artifacts of another machine's store may not be reachable here
+            grids[variant] = download_artifact(first["run_id"], name, uri, tmp / variant)
+        except FileNotFoundError:  # artifacts of another machine's store may not be reachable here
             continue
     return grids
 
@@ -170,7 +168,7 @@ def _figures(st: Study, fig_dir: Path) -> None:
     if st.has_effects:
         figures.effects(st.effects, fig_dir / "effects.png", BASELINE)
     with tempfile.TemporaryDirectory() as tmp:
-        grids = _samples(runs, Path(tmp))
+        grids = _samples(runs, Path(tmp), st.uri)
         if grids:
             figures.sample_panel(grids, fig_dir / "samples.png")
     if len(st.lr_trials):
@@ -352,7 +350,8 @@ def generate_report(
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     if log_to_parent and len(st.parents):
-        client = mlflow.MlflowClient(uri)
+        from study.tracking import log_artifacts
+
         for parent in st.parents["run_id"]:
-            client.log_artifacts(parent, str(out), schema.REPORT_DIR)
+            log_artifacts(parent, out, schema.REPORT_DIR, uri)
     return readme

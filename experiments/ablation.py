@@ -1,10 +1,19 @@
 """The ablation studies, declared once as data: a variant is a name, a one-line rationale and config
-overrides applied on top of a preset. Seeds are shared across variants so comparisons pair up.
+overrides applied on top of a preset; a family is a question, a baseline and the variants it compares
+with it. Seeds are shared across variants so comparisons pair up.
 
 Base of the stabilizer study: chrischute/real-nvp, the code the seed report says it copied
 (tanh-rescaled scale, batch norm inside s/t, weight norm with L2 5e-5 on its magnitudes, global
 gradient clipping at 100, no batch-norm bijector, no zero init). ``seed-report`` adds what the
-report says it needed; each ``no-*`` variant removes one of them again.
+report says it needed. The families then ask:
+
+- necessity: which of the seed report's stabilizers does its recipe need (leave one out)?
+- sufficiency: which single addition makes the recipe that fails (eq. 2 literally) train (add one)?
+- decomposition: where does the gap between the seed report's recipe and the paper's come from (one
+  switch at a time, each step against the one before)?
+- readings: the seed report's words read so that they bind (a clamp of s that acts, the data
+  constraint of its code, clipping of spikes only, its literal fp16 recipe), each against its recipe;
+- references: the public reproduction as configured, a contrast of several switches at once.
 """
 
 from __future__ import annotations
@@ -17,7 +26,25 @@ class Variant:
     name: str
     rationale: str
     overrides: dict[str, object] = field(default_factory=dict)
-    needs_cuda: bool = False  # fp16 with GradScaler exists only on CUDA
+    needs_cuda: bool = False  # a cell this device cannot run is recorded as skipped, with why
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    question: str
+    baseline: str  # the variant every member is compared with ("previous": the member before it)
+    members: tuple[str, ...]  # variant names, the baseline first
+    against: tuple[tuple[str, str], ...] = ()  # (member, its comparator) where it is not the baseline
+
+    def comparator(self, member: str) -> str | None:
+        """The variant ``member`` is compared with (None for the family's first member)."""
+        if member in dict(self.against):
+            return dict(self.against)[member]
+        i = self.members.index(member)
+        if i == 0:
+            return None
+        return self.members[i - 1] if self.baseline == "previous" else self.baseline
 
 
 CHRISCHUTE = {
@@ -33,14 +60,16 @@ CHRISCHUTE = {
     "stabilizers.grad_clip": 100.0,
     "stabilizers.amp": "off",
     "stabilizers.warmup_steps": 0,
+    # L2 on the weight-norm magnitudes and nowhere else (inert while weight norm is on), so that
+    # no-weightnorm removes weight norm without moving L2 onto the plain weights
+    "stabilizers.l2_plain_convs": False,
 }
 
 # The seed report's recipe. "Softplus" is read as the coupling scale (the reading that changes the
-# model; the logit log-det reading is ablated separately by no-softplus-logit). Its input clamp is
-# the logit-space clamp at 3.0, which never binds on valid dequantized pixels with alpha = 0.05
-# (|y| <= 2.944): both readings of "restricting the values of the input" are guards, not changes.
-# AMP is bf16 so the recipe runs on CPUs and GPUs alike; seed-report-fp16 is the literal
-# fp16 + GradScaler recipe the report ran on a T4.
+# model; the logit log-det reading is no-softplus-logit). Its input clamp is the logit-space clamp at
+# 3.0, which never binds on valid dequantized pixels with alpha = 0.05 (|y| <= 2.944); with its code's
+# likely data constraint (alpha 0.025, |y| <= 3.66) it binds (alpha-0.025). AMP is bf16 so the recipe
+# runs everywhere; seed-report-fp16 is the literal fp16 + GradScaler recipe the report ran on a T4.
 SEED_REPORT = {
     **CHRISCHUTE,
     "stabilizers.scale_fn": "softplus",
@@ -53,33 +82,64 @@ PAPER = {
     "stabilizers.bn_bijector": True,
     "stabilizers.grad_clip": 0.0,
 }
+PAPER_LITERAL_EXP = {**PAPER, "stabilizers.scale_fn": "exp"}
+
+# Values chosen so that the switch acts at the committed study's size (README, "The committed
+# study"): |s| rarely exceeds 1 there, so a clamp of s at 0.5 binds; gradient norms are 10^3-10^4 for
+# a loss in nats per image, so clipping at 100 acts on every step while 2e4 catches spikes only.
+S_CLAMP_BINDING = 0.5
+CLIP_SPIKES = 20000.0
 
 
-def _minus(key: str, value: object) -> dict[str, object]:
-    return {**SEED_REPORT, key: value}
+def _with(base: dict[str, object], **changes: object) -> dict[str, object]:
+    return {**base, **{f"stabilizers.{k}": v for k, v in changes.items()}}
 
 
 # one variant per line reads as a table
 STABILIZERS: tuple[Variant, ...] = (
+    # necessity: leave one out of seed-report
     Variant("seed-report", "the seed report's recipe: every stabilizer it names, on", SEED_REPORT),
-    Variant("no-softplus", "softplus scale replaced by chrischute's tanh-rescaled scale", _minus("stabilizers.scale_fn", "tanh")),
-    Variant("no-softplus-logit", "the other reading: the logit log-det written with logs, not softplus", _minus("stabilizers.logit_logdet", "log")),
-    Variant("no-clamp", "no clamping of the logit-space input", _minus("stabilizers.input_clamp", 0.0)),
-    Variant("no-gradclip", "no gradient clipping", _minus("stabilizers.grad_clip", 0.0)),
-    Variant("no-weightnorm", "plain convolutions in s/t (L2 then falls on their weights)", _minus("stabilizers.weight_norm", False)),
-    Variant("no-l2", "no L2 on the weight-norm magnitudes", _minus("stabilizers.l2", 0.0)),
-    Variant("amp-off", "full fp32, no mixed precision", _minus("stabilizers.amp", "off")),
-    Variant("seed-report-fp16", "the literal recipe: fp16 autocast with GradScaler (CUDA only)", _minus("stabilizers.amp", "fp16"), needs_cuda=True),
+    Variant("no-softplus", "softplus scale replaced by chrischute's tanh-rescaled scale", _with(SEED_REPORT, scale_fn="tanh")),
+    Variant("no-softplus-logit", "the other reading: the logit log-det written with logs, not softplus", _with(SEED_REPORT, logit_logdet="log")),
+    Variant("no-clamp", "no clamping of the logit-space input", _with(SEED_REPORT, input_clamp=0.0)),
+    Variant("no-gradclip", "no gradient clipping", _with(SEED_REPORT, grad_clip=0.0)),
+    Variant("no-weightnorm", "plain convolutions in s/t; L2 stays on the (now absent) magnitudes", _with(SEED_REPORT, weight_norm=False)),
+    Variant("no-l2", "no L2 on the weight-norm magnitudes", _with(SEED_REPORT, l2=0.0)),
+    Variant("amp-off", "full fp32, no mixed precision", _with(SEED_REPORT, amp="off")),
+    # sufficiency: add one to the paper's eq. 2 read literally
+    Variant("paper-literal-exp", "the paper's eq. 2 literally: unbounded exp scale, nothing added", PAPER_LITERAL_EXP),
+    Variant("exp+softplus", "eq. 2 with the softplus scale", _with(PAPER_LITERAL_EXP, scale_fn="softplus")),
     Variant("paper", "what the paper describes: tanh scale, batch norm and its bijector, weight norm, L2; no clipping, no AMP", PAPER),
-    Variant("paper-literal-exp", "the paper's eq. 2 literally: unbounded exp scale, nothing added", {**PAPER, "stabilizers.scale_fn": "exp"}),
+    Variant("exp+s-clamp", f"eq. 2 with s clamped hard at {S_CLAMP_BINDING}", _with(PAPER_LITERAL_EXP, s_clamp=S_CLAMP_BINDING)),
+    Variant("exp+gradclip", "eq. 2 with gradient clipping at 100", _with(PAPER_LITERAL_EXP, grad_clip=100.0)),
+    Variant("exp+bf16", "eq. 2 in bf16 autocast", _with(PAPER_LITERAL_EXP, amp="bf16")),
+    Variant("exp+fp16", "eq. 2 in fp16 autocast with GradScaler", _with(PAPER_LITERAL_EXP, amp="fp16")),
+    # decomposition: seed-report -> paper, one switch at a time
+    Variant("gap+bijector", "seed-report plus the paper's batch-norm bijector", _with(SEED_REPORT, bn_bijector=True)),
+    Variant("gap+noclip", "... and no gradient clipping", _with(SEED_REPORT, bn_bijector=True, grad_clip=0.0)),
+    Variant("gap+tanh", "... and the tanh scale", _with(SEED_REPORT, bn_bijector=True, grad_clip=0.0, scale_fn="tanh")),
+    Variant("gap+fp32", "... and fp32: the paper but for the input clamp", _with(SEED_REPORT, bn_bijector=True, grad_clip=0.0, scale_fn="tanh", amp="off")),
+    # readings that bind
+    Variant("s-clamp-hard", f"seed-report with s clamped hard at {S_CLAMP_BINDING} (FrEIA's clamp, hard)", _with(SEED_REPORT, s_clamp=S_CLAMP_BINDING)),
+    Variant("s-clamp-soft", f"seed-report with s soft-clamped at {S_CLAMP_BINDING} (FrEIA's atan clamp)", _with(SEED_REPORT, s_clamp=S_CLAMP_BINDING, s_clamp_kind="soft")),
+    Variant("alpha-0.025", "seed-report with its code's likely data constraint 0.95 (logit alpha 0.025): the input clamp at 3 binds", _with(SEED_REPORT, logit_alpha=0.025)),
+    Variant("alpha-0.025-no-clamp", "the same data constraint without the input clamp", _with(SEED_REPORT, logit_alpha=0.025, input_clamp=0.0)),
+    Variant("clip-spikes", f"seed-report clipping at {CLIP_SPIKES:g}: only gradient spikes are clipped", _with(SEED_REPORT, grad_clip=CLIP_SPIKES)),
+    Variant("seed-report-fp16", "the literal recipe: fp16 autocast with GradScaler", _with(SEED_REPORT, amp="fp16")),
+    # references
     Variant("chrischute", "the public PyTorch reproduction the seed report copied, as configured there", CHRISCHUTE),
 )  # fmt: skip
 
-STUDIES: dict[str, tuple[Variant, ...]] = {"stabilizers": STABILIZERS}
-STUDY_DESCRIPTIONS = {"stabilizers": "which of the seed report's stabilizers does Real NVP need?"}
-
-
-def get_study(name: str) -> tuple[Variant, ...]:
-    if name not in STUDIES:
-        raise KeyError(f"unknown study {name!r}: `run_study.py ablation --list` shows {', '.join(STUDIES)}")
-    return STUDIES[name]
+FAMILIES: tuple[Family, ...] = (
+    Family("necessity", "which of its stabilizers does the seed report's recipe need?", "seed-report",
+           ("seed-report", "no-softplus", "no-softplus-logit", "no-clamp", "no-gradclip", "no-weightnorm", "no-l2", "amp-off")),
+    Family("sufficiency", "which single addition makes eq. 2, read literally, train?", "paper-literal-exp",
+           ("paper-literal-exp", "exp+softplus", "paper", "exp+s-clamp", "exp+gradclip", "exp+bf16", "exp+fp16")),
+    Family("decomposition", "where does the seed-report -> paper gap come from, one switch at a time?", "previous",
+           ("seed-report", "gap+bijector", "gap+noclip", "gap+tanh", "gap+fp32", "paper")),
+    Family("readings", "do the seed report's words matter when read so that they bind?", "seed-report",
+           ("seed-report", "s-clamp-hard", "s-clamp-soft", "alpha-0.025", "alpha-0.025-no-clamp", "clip-spikes", "seed-report-fp16"),
+           against=(("alpha-0.025-no-clamp", "alpha-0.025"),)),
+    Family("references", "the public reproduction as configured: several switches apart, not one", "seed-report",
+           ("seed-report", "chrischute")),
+)  # fmt: skip

@@ -88,9 +88,13 @@ class Stabilizers:
     # --- the s/t networks -----------------------------------------------------------------------
     weight_norm: bool = True  # weight-normalised convolutions (paper, official code, chrischute)
     # L2 coefficient on the weight-norm magnitudes g and the tanh rescale w (paper: 5e-5; 0: off).
-    # Without weight norm the same coefficient applies to the raw conv weights (see
-    # RealNVP.l2_parameters), so "no weight norm" keeps an L2 on the convolutions.
     l2: float = 5e-5
+    # Without weight norm there are no magnitudes: True puts the same L2 on the plain conv weights
+    # instead (sum g^2 of a filter equals sum w^2, so it is the same penalty on the effective weights,
+    # but it acts on every direction of w, not only the magnitude); False leaves the convolutions
+    # unpenalised. No effect with weight norm on. The necessity study sets False, so its
+    # no-weightnorm variant changes the architecture alone and does not move L2.
+    l2_plain_convs: bool = True
     st_batchnorm: bool = True  # batch norm inside the s/t ResNets (paper, chrischute)
     # the paper's batch-norm bijector on every coupling output (eqs. 17-18), with running averages
     # for evaluation; chrischute has none
@@ -100,7 +104,9 @@ class Stabilizers:
 
     # --- training-time switches (used by study.run.step) ----------------------------------------
     grad_clip: float = 100.0  # global-norm clipping max norm (official code, chrischute); 0: off
-    amp: Literal["off", "fp16", "bf16"] = "off"  # fp16 uses GradScaler (CUDA only); bf16 needs none
+    # autocast precision: fp16 with a GradScaler (the seed report's literal recipe; the CPU runs it
+    # too, see study.flows.resnet.Conv2d), or bf16, which has fp32's exponent range and needs none
+    amp: Literal["off", "fp16", "bf16"] = "off"
     warmup_steps: int = 0  # linear learning-rate warm-up (Glow reproductions); 0: off
     nan_policy: Literal["stop", "restore"] = "stop"  # on a non-finite loss or gradient
     nan_retries: int = 3  # restore: at most this many reloads of the last good checkpoint
@@ -141,6 +147,10 @@ SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
 # they were part of identities before this list existed; moving them would orphan recorded runs.)
 EXECUTION_ONLY = ("train.compile",)
 
+# Settings added after runs were recorded, with the value that reproduces what those runs computed:
+# left out of a run's identity while they hold that value, so recorded runs keep their identity.
+ADDED_LATER: dict[str, Any] = {"stabilizers.l2_plain_convs": True}
+
 
 def flatten(cfg: Config) -> dict[str, Any]:
     """``{"section.key": value}`` for every field: MLflow params and pandas columns use these names."""
@@ -152,8 +162,10 @@ def flatten(cfg: Config) -> dict[str, Any]:
 
 
 def identity(cfg: Config) -> dict[str, Any]:
-    """The settings that define what a run computes: :func:`flatten` without EXECUTION_ONLY keys."""
-    return {k: v for k, v in flatten(cfg).items() if k not in EXECUTION_ONLY}
+    """The settings that define what a run computes: :func:`flatten` without EXECUTION_ONLY keys and
+    without ADDED_LATER keys at their old behaviour."""
+    return {k: v for k, v in flatten(cfg).items()
+            if k not in EXECUTION_ONLY and not (k in ADDED_LATER and v == ADDED_LATER[k])}  # fmt: skip
 
 
 def unflatten(flat: dict[str, Any]) -> Config:

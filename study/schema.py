@@ -17,7 +17,12 @@ DEVICE = "device"
 TORCH_VERSION = "torch_version"
 THREADS = "threads"
 CHECKPOINT_DIR = "checkpoint_dir"
-OUTCOME = "outcome"  # completed | recovered | diverged | pruned (see OUTCOMES)
+OUTCOME = "outcome"  # see OUTCOMES
+SKIP_REASON = "skip_reason"  # why a cell was not run (outcome skipped)
+FAMILY = "family"  # the ablation family a cell's variant belongs to
+# MLflow's own: the UI shows these as the run's description, source and commit
+NOTE = "mlflow.note.content"
+SOURCE_NAME, SOURCE_TYPE, SOURCE_COMMIT = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
 RETRIES = "retries"
 FINAL_AMP = "final_amp"
 FIRST_NONFINITE_EPOCH = "first_nonfinite_epoch"
@@ -36,18 +41,17 @@ KIND_STUDY_PARENT = "study-parent"
 KIND_LR_SEARCH = "lr-search"
 KIND_BENCH = "bench"
 
-OUTCOMES = ("completed", "recovered", "diverged", "pruned")
+OUTCOMES = ("completed", "recovered", "diverged", "pruned", "skipped")
 
 # --- metrics (step = epoch) ----------------------------------------------------------------------------
-EPOCH = "epoch"
+EPOCH = "epoch"  # read from runs recorded before 2026-11-29's redesign only: the step is the epoch
 TRAIN_BPD = "train_bpd"
 VAL_BPD = "val_bpd"
 TEST_BPD = "test_bpd"  # once, at the final epoch
 LR = "lr"
 GRAD_NORM_MEAN, GRAD_NORM_MEDIAN, GRAD_NORM_MAX = "grad_norm_mean", "grad_norm_median", "grad_norm_max"
 CLIP_FRACTION = "clip_fraction"
-NONFINITE_EVENTS = "nonfinite_events"  # per completed epoch
-NONFINITE_EVENT = "nonfinite_event"  # 1.0 at the epoch a divergence happened
+NONFINITE_EVENTS = "nonfinite_events"  # divergences in that epoch (logged also at an epoch that diverged)
 SKIPPED_STEPS = "skipped_steps"
 GRAD_SCALE = "grad_scale"
 IMAGES_PER_S = "images_per_s"
@@ -56,13 +60,40 @@ PEAK_MEMORY_MB = "peak_memory_mb"
 AMP_ON = "amp_on"
 LOGGING_SECONDS = "logging_seconds"
 CHECKPOINT_SECONDS = "checkpoint_seconds"
+# how much each stabilizer acted in the epoch (0 when its switch is off): see SWITCH_ACTIVITY
+CLIP_RATIO_MEDIAN = "clip_ratio_median"  # median gradient norm / clip threshold (> 1: clipped)
+L2_PENALTY = "l2_penalty"  # the L2 term, nats per image, mean over steps
+INPUT_CLAMP_FRACTION = "input_clamp_fraction"  # logit-space inputs the clamp moved
+S_CLAMP_FRACTION = "s_clamp_fraction"  # log-scales beyond the clamp of s
+SCALE_BOUND_FRACTION = "scale_bound_fraction"  # tanh saturated (>0.99) or softplus scale at its floor
+BN_MEAN_GAP = "bn_mean_gap"  # bijector: |batch mean - running mean| in running std, mean over layers
+BN_LOGVAR_GAP = "bn_logvar_gap"  # bijector: |log batch var - log running var|
 BEST_VAL_BPD, BEST_LR = "best_val_bpd", "best_lr"
 
 # the per-epoch curves analysis reads back (analysis/collect.py)
 HISTORY_METRICS = (
     TRAIN_BPD, VAL_BPD, LR, GRAD_NORM_MEAN, GRAD_NORM_MEDIAN, GRAD_NORM_MAX, CLIP_FRACTION, NONFINITE_EVENTS,
-    SKIPPED_STEPS, GRAD_SCALE, IMAGES_PER_S, EPOCH_SECONDS,
+    SKIPPED_STEPS, GRAD_SCALE, IMAGES_PER_S, EPOCH_SECONDS, AMP_ON, CLIP_RATIO_MEDIAN, L2_PENALTY,
+    INPUT_CLAMP_FRACTION, S_CLAMP_FRACTION, SCALE_BOUND_FRACTION, BN_MEAN_GAP, BN_LOGVAR_GAP,
 )  # fmt: skip
+
+# The flow's activity counters (study.flows.activity kinds) -> their metric names
+FLOW_ACTIVITY = {
+    "input_clamp": INPUT_CLAMP_FRACTION, "s_clamp": S_CLAMP_FRACTION, "scale_bound": SCALE_BOUND_FRACTION,
+    "bn_mean_gap": BN_MEAN_GAP, "bn_logvar_gap": BN_LOGVAR_GAP,
+}  # fmt: skip
+
+# Which metric says a switch acted (> 0 in some epoch of the arm where it is on). Switches not listed
+# change the model's function wherever they differ (structural); whether that mattered is then told
+# by the results, and a variant bit-identical to its baseline is reported as not acting.
+SWITCH_ACTIVITY = {
+    "stabilizers.grad_clip": CLIP_FRACTION,
+    "stabilizers.input_clamp": INPUT_CLAMP_FRACTION,
+    "stabilizers.s_clamp": S_CLAMP_FRACTION,
+    "stabilizers.s_clamp_kind": S_CLAMP_FRACTION,
+    "stabilizers.l2": L2_PENALTY,
+    "stabilizers.amp": AMP_ON,
+}
 
 # --- artifacts -------------------------------------------------------------------------------------------
 SAMPLES_DIR = "samples"

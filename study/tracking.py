@@ -75,13 +75,20 @@ def setup(uri: str | None, experiment: str) -> tuple[str, str]:
 
 
 def create_run(experiment_id: str, name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,
-               parent_run_id: str | None = None) -> str:  # fmt: skip
+               parent_run_id: str | None = None, description: str = "", source: str = "") -> str:  # fmt: skip
     """The one way the study creates an MLflow run (training runs, study and search parents, bench):
-    with its tags, the git commit, and its params. Returns the run id."""
+    with its tags, the git commit (ours, and MLflow's own source tags, which the UI shows), a
+    description, and its params. Returns the run id."""
     import mlflow
     from mlflow.entities import Param
 
-    tags = {schema.GIT_COMMIT: git_commit(), **{k: str(v) for k, v in tags.items()}}
+    commit = git_commit()
+    tags = {schema.GIT_COMMIT: commit, schema.SOURCE_TYPE: "LOCAL",
+            schema.SOURCE_NAME: source or "run_study.py", **{k: str(v) for k, v in tags.items()}}  # fmt: skip
+    if commit != "unknown":
+        tags[schema.SOURCE_COMMIT] = full_commit()
+    if description:
+        tags[schema.NOTE] = description
     if parent_run_id:
         tags[schema.PARENT] = parent_run_id
     client = mlflow.MlflowClient()
@@ -171,6 +178,15 @@ def _git(*args: str) -> str:
 
 
 @functools.cache
+def full_commit() -> str:
+    """The full hash of HEAD (MLflow's source tag wants it; ours is short with -dirty)."""
+    try:
+        return _git("rev-parse", "HEAD") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@functools.cache
 def git_commit() -> str:
     """Short commit of this checkout, with -dirty when tracked files are modified, read once per
     process: a long-lived worker runs the code it imported, whatever the checkout becomes later."""
@@ -181,24 +197,78 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_store(uri: str) -> Path | None:
+    """The artifact folder beside a SQLite store (mlartifacts/), where its proxied artifacts live."""
+    db = _sqlite_file(resolve_tracking_uri(uri))
+    return (db.parent / "mlartifacts").resolve() if db is not None else None
+
+
+def local_artifact_dir(artifact_uri: str, uri: str | None) -> Path | None:
+    """Where a run's artifacts lie on this disk: a file URI as it is; a proxied ``mlflow-artifacts:/X``
+    of a SQLite store (how a committed study records them, so any clone finds them) under the
+    store's mlartifacts/X. None when they are elsewhere (a server, or a folder no longer here)."""
+    from urllib.parse import unquote, urlparse
+
+    if artifact_uri.startswith("mlflow-artifacts:"):
+        root = artifact_store(uri)
+        path = root / unquote(urlparse(artifact_uri).path).lstrip("/") if root is not None else None
+    elif artifact_uri.startswith("file:"):
+        path = Path(unquote(urlparse(artifact_uri).path))
+    else:
+        path = Path(artifact_uri) if "://" not in artifact_uri else None
+    return path if path is not None and path.exists() else None
+
+
+def download_artifact(run_id: str, artifact_path: str, uri: str | None, dst: Path | None = None) -> Path:
+    """A run's artifact as a local file: read where it lies when it is on this disk, else through
+    MLflow (a tracking server's proxy). Raises FileNotFoundError when neither has it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(resolve_tracking_uri(uri))
+    local = local_artifact_dir(client.get_run(run_id).info.artifact_uri, uri)
+    if local is not None:
+        found = local / artifact_path
+        if found.exists():
+            return found
+        raise FileNotFoundError(f"run {run_id} has no artifact {artifact_path}")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        tracking_uri=resolve_tracking_uri(uri),
+                                                        dst_path=str(dst) if dst else None))  # fmt: skip
+    except Exception as e:
+        why = type(e).__name__
+        raise FileNotFoundError(f"run {run_id}: artifact {artifact_path} is not reachable ({why})") from None
+
+
+def log_artifacts(run_id: str, folder: Path, artifact_path: str, uri: str | None) -> None:
+    """Add a folder to a run's artifacts, wherever they live (a committed study's proxied folder too)."""
+    import shutil
+
+    import mlflow
+
+    client = mlflow.MlflowClient(resolve_tracking_uri(uri))
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    if artifact_uri.startswith("mlflow-artifacts:") and artifact_store(uri) is not None:
+        target = artifact_store(uri) / artifact_uri.split(":", 1)[1].lstrip("/") / artifact_path
+        shutil.copytree(folder, target, dirs_exist_ok=True)
+    else:
+        client.log_artifacts(run_id, str(folder), artifact_path)
+
+
 def ui_command(uri: str, port: int) -> list[str]:
     import sys
 
     # one worker: more add ~40 ms to every request (uvicorn); the UI binds to loopback only
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    root = artifact_store(uri)
+    if root is not None:  # proxied artifacts (a committed study's) resolve against the store's folder
+        command += ["--artifacts-destination", str(root)]
+    return command
 
 
 def serve_ui(uri: str | None, port: int, echo=print) -> None:

@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 import run_study
-from experiments.ablation import STABILIZERS, get_study
+from experiments.ablation import STABILIZERS
 from experiments.presets import preset_config
+from experiments.studies import get_study
 from study.config import ConfigError, apply_values
 from study.sweep import ablation as ab
 from tests.conftest import TINY_RUN, tiny_overrides
@@ -145,7 +146,8 @@ def _check_grid(store, tmp_path):
     cells = collections.Counter((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children)
     assert cells == collections.Counter({(v, s): 1 for v in ONLY for s in (0, 1)}), cells
     assert len(parents) == 1
-    assert all(r.info.status == "FINISHED" and "outcome" in r.data.tags for r in children)
+    # a diverged cell is FAILED in the UI, with its outcome; every other cell FINISHED
+    assert all(r.info.status == ("FAILED" if r.data.tags["outcome"] == "diverged" else "FINISHED") for r in children)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     return children
 
@@ -183,12 +185,18 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(run_study.cli, ["ablation", "stabilizers", "--dry-run", "--seeds", "2"])
     assert result.exit_code == 0, result.output
-    assert "11 variants x 2 seeds = 22 cells" in result.stdout
+    assert "26 variants x 2 seeds = 52 cells" in result.stdout
+    for family in ("necessity", "sufficiency", "decomposition", "readings", "references"):
+        assert f"[{family}]" in result.stdout
     assert "no-gradclip" in result.stdout and "grad_clip=0.0" in result.stdout
-    assert "seed-report-fp16     skipped here: needs CUDA" in result.stdout
+    # each member shows the one switch it changes against its family's baseline
+    lines = result.stdout.splitlines()
+    at = lines.index(next(x for x in lines if x.strip().startswith("no-weightnorm")))
+    assert lines[at + 1].split() == ["weight_norm=False"]
     assert list(tmp_path.iterdir()) == []
     listing = CliRunner().invoke(run_study.cli, ["ablation", "--list"])
-    assert "stabilizers: 12 variants" in listing.stdout and "paper-literal-exp" in listing.stdout
+    assert "stabilizers: 26 variants" in listing.stdout and "paper-literal-exp" in listing.stdout
+    assert "factorial: 16 variants" in listing.stdout and "factorial-full: 32 variants" in listing.stdout
 
 
 def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
@@ -198,7 +206,6 @@ def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
         (["ablation", "nope", "--dry-run"], "unknown study 'nope'"),
         (["ablation", "stabilizers", "--seed-list", "1,x"], "comma-separated integers"),
         (["ablation", "stabilizers", "--seeds", "0"], "no seeds"),
-        (["ablation", "stabilizers", "--only", "seed-report-fp16", "--device", "cpu"], "needs CUDA"),
     ]:
         result = CliRunner().invoke(run_study.cli, args)
         assert result.exit_code == 2, (args, result.output)
@@ -206,3 +213,25 @@ def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError):
         ab.make_plan("stabilizers", "demo", preset_config("demo"), (0, 0))
+
+
+def test_a_cell_this_device_cannot_run_is_recorded_as_skipped(store, tmp_path, monkeypatch):
+    from experiments import studies
+    from experiments.ablation import Variant
+
+    gpu_only = Variant("gpu-only", "a recipe that needs CUDA", {"stabilizers.amp": "bf16"}, needs_cuda=True)
+    monkeypatch.setitem(studies.STUDIES, "tiny", (STABILIZERS[0], gpu_only))
+    base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64})
+    plan = ab.make_plan("tiny", "demo", base, (0,), device="cpu", experiment="skip",
+                        storage=f"sqlite:///{tmp_path / 'optuna.db'}", tracking_uri=store,
+                        checkpoint_root=tmp_path / "ckpt")  # fmt: skip
+    if plan.skipped:  # a machine with CUDA runs it: nothing to skip
+        ab.run(plan, workers=1, echo=lambda s: None)
+        ab.run(plan, workers=1, echo=lambda s: None)  # again: recorded once, not twice
+        client = mlflow.MlflowClient(store)
+        runs = client.search_runs([client.get_experiment_by_name("skip").experiment_id])
+        skipped = [r for r in runs if r.data.tags.get("variant") == "gpu-only"]
+        assert len(skipped) == 1 and skipped[0].data.tags["outcome"] == "skipped"
+        assert skipped[0].data.tags["skip_reason"] == "needs CUDA" and skipped[0].info.status == "KILLED"
+        assert skipped[0].data.tags["mlflow.parentRunId"] == _children(store, "skip")[0][0].info.run_id
+        assert "needs CUDA" in skipped[0].data.tags["mlflow.note.content"]

@@ -279,7 +279,7 @@ def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path):
     assert result.outcome == "diverged" and result.test_bpd is None and result.epochs == 1
     client = mlflow.MlflowClient(store)
     run = client.get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "diverged"
+    assert run.info.status == "FAILED" and run.data.tags["outcome"] == "diverged"  # red in the UI, outcome kept
     assert run.data.tags["divergence_causes"] == "epoch 2: non-finite loss"
     assert [s for s, _ in history(client, result.run_id, "val_bpd")] == [1]
     assert "test_bpd" not in run.data.metrics
@@ -310,7 +310,8 @@ def test_resume_after_truncated_checkpoint_logs_each_epoch_once(store, tmp_path)
         (["--set", "train.epochs=many"], "expected an integer"),
         (["--preset", "imagenet"], "unknown preset 'imagenet'"),
         (["--data", "npz:missing-folder"], "is not a folder"),
-        (["--set", "stabilizers.amp=fp16", "--device", "cpu"], "needs CUDA"),
+        (["--variant", "nope"], "unknown variant 'nope'"),
+        (["--variant", "paper", "--set", "stabilizers.scale_fn=exp"], "contradicts variant 'paper'"),
     ],
 )
 def test_bad_input_exits_2_and_creates_no_run(tmp_path, args, message):
@@ -382,3 +383,41 @@ def test_compiled_run_matches_eager_and_shares_its_identity(store, tmp_path):
     # compile changes how fast, not what: the same run, already finished
     again = train(spec(store, tmp_path, "eager", **one, **{"train.compile": "default"}))
     assert again.already_done and again.run_id == eager.run_id
+
+
+def test_non_finite_validation_is_a_divergence_not_a_completed_run(store, tmp_path, monkeypatch):
+    import study.run.loop as loop
+
+    real = loop.evaluate
+    calls = {"n": 0}
+
+    def flaky(model, images, *args, **kw):  # the second validation scores inf (one bad image does that)
+        calls["n"] += 1
+        return math.inf if calls["n"] == 2 else real(model, images, *args, **kw)
+
+    monkeypatch.setattr(loop, "evaluate", flaky)
+    result = train(spec(store, tmp_path, **{"stabilizers.nan_policy": "stop"}))
+    assert result.outcome == "diverged" and result.epochs == 1 and result.test_bpd is None
+    assert result.events[0]["cause"] == "non-finite validation" and result.events[0]["epoch"] == 2
+    run = mlflow.MlflowClient(store).get_run(result.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["outcome"] == "diverged"
+    assert [s for s, _ in history(mlflow.MlflowClient(store), result.run_id, "val_bpd")] == [1]
+
+
+def test_run_records_its_description_source_and_variant_config(store, tmp_path):
+    from click.testing import CliRunner
+
+    import run_study
+
+    out = CliRunner().invoke(run_study.cli, ["train", "--variant", "no-l2", "--tracking-uri", store, "--device", "cpu",
+                                             "--experiment", "v", "--checkpoint-dir", str(tmp_path / "c"),
+                                             *tiny_overrides(**{"train.epochs": 1})])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("v").experiment_id])
+    tags, params = run.data.tags, run.data.params
+    assert tags["variant"] == "no-l2" and params["stabilizers.l2"] == "0.0"  # the variant's overrides applied
+    assert params["stabilizers.scale_fn"] == "softplus" and params["stabilizers.amp"] == "bf16"  # seed-report's
+    assert tags["mlflow.note.content"].startswith("no L2") and tags["mlflow.source.name"] == "run_study.py train"
+    assert len(tags["mlflow.source.git.commit"]) == 40 or tags["git_commit"] == "unknown"
+    assert "epoch" not in run.data.metrics  # the step is the epoch

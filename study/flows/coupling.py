@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.flows.activity import add_counter, count
 from study.flows.options import FlowOptions
 from study.flows.resnet import STNet
 from study.flows.transforms import checkerboard
@@ -39,15 +40,29 @@ class ScaleFunction(nn.Module):
             self.offset = math.log(math.expm1(1.0 - self.eps))
         elif self.kind != "exp":
             raise ValueError(f"unknown scale function {self.kind!r}: use exp, tanh or softplus")
+        add_counter(self, "scale_bound")
+        add_counter(self, "s_clamp")
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, where: torch.Tensor | None = None) -> torch.Tensor:
+        """``where`` (broadcastable to h, 1 = used): the positions whose s the coupling uses, for
+        the activity counts only (a checkerboard coupling discards s on its conditioning half)."""
+        track = self.training
+        used = (torch.ones_like(h) if where is None else where.expand_as(h)) if track else None
         if self.kind == "exp":
             s = h
         elif self.kind == "tanh":
-            s = self.rescale * torch.tanh(h)
+            th = torch.tanh(h)
+            if track:  # saturated: s within 1% of its bound |w|
+                count(self, "scale_bound", ((th.abs() > 0.99) * used).sum(), used.sum())
+            s = self.rescale * th
         else:
-            s = torch.log(F.softplus(h + self.offset) + self.eps)
+            sp = F.softplus(h + self.offset)
+            if track:  # at its floor: the scale is below 2 eps
+                count(self, "scale_bound", ((sp < self.eps) * used).sum(), used.sum())
+            s = torch.log(sp + self.eps)
         if self.clamp > 0:
+            if track:
+                count(self, "s_clamp", ((s.abs() > self.clamp) * used).sum(), used.sum())
             if self.clamp_kind == "hard":
                 s = s.clamp(-self.clamp, self.clamp)
             else:
@@ -58,10 +73,12 @@ class ScaleFunction(nn.Module):
 class _Coupling(nn.Module):
     """Shared forward/inverse; subclasses say how x splits into (conditioning, updated) parts."""
 
-    def _split_params(self, cond: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split_params(
+        self, cond: torch.Tensor, dtype: torch.dtype, where: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(cond).to(dtype)  # fp32 even when the net ran in bf16/fp16
         h_s, t = h.chunk(2, dim=1)
-        return self.scale(h_s), t
+        return self.scale(h_s, where), t
 
 
 class CheckerboardCoupling(_Coupling):
@@ -78,7 +95,7 @@ class CheckerboardCoupling(_Coupling):
 
     def _params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.mask.to(x.dtype)
-        s, t = self._split_params(x * b, x.dtype)
+        s, t = self._split_params(x * b, x.dtype, 1 - b)
         # only the updated half is scaled and shifted; masking s also keeps it out of the log-det
         return s * (1 - b), t * (1 - b)
 

@@ -23,6 +23,7 @@ class FlowOptions:
     logit_logdet: Literal["softplus", "log"] = "softplus"  # how the logit's log-det is written
     input_clamp: float = 0.0  # clamp of the logit-space input to [-c, c] (0: off)
     weight_norm: bool = True  # weight-normalised s/t convolutions
+    l2_plain_convs: bool = True  # without weight norm, L2 falls on the plain conv weights (see l2_parameters)
     st_batchnorm: bool = True  # batch norm inside the s/t ResNets
     bn_bijector: bool = False  # the paper's batch-norm bijector after every coupling (eqs. 17-18)
     bn_momentum: float = 0.1  # its running averages (PyTorch convention)

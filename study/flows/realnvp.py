@@ -196,12 +196,14 @@ class RealNVP(nn.Module):
 
     def l2_parameters(self) -> list[nn.Parameter]:
         """Parameters under the L2 penalty (paper, official code): the weight-norm magnitudes g and
-        the tanh rescale w; without weight norm, the raw convolution weights instead."""
+        the tanh rescale w; without weight norm, the plain convolution weights when
+        ``options.l2_plain_convs`` (the same penalty on the effective weights), else none of them."""
         params = []
+        plain = not self.options.weight_norm and self.options.l2_plain_convs
         for name, p in self.named_parameters():
             if name.endswith("parametrizations.weight.original0") or name.endswith("scale.rescale"):
                 params.append(p)
-            elif not self.options.weight_norm and name.endswith(".weight") and p.dim() == 4:
+            elif plain and name.endswith(".weight") and p.dim() == 4:
                 params.append(p)
         return params
 

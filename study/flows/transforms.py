@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from study.flows.activity import add_counter, count
+
 
 def squeeze(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, 4C, H/2, W/2): each 2x2 block becomes 4 channels (paper section 3.6).
@@ -59,12 +61,15 @@ class LogitTransform(nn.Module):
         self.alpha = alpha
         self.logdet_form = logdet_form
         self.clamp = clamp
+        add_counter(self, "input_clamp")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alpha
         p = a + (1.0 - 2.0 * a) * x
         if self.clamp > 0:
             lo = 1.0 / (1.0 + math.exp(self.clamp))  # sigmoid(-clamp)
+            if self.training:  # how many logit-space inputs the clamp moves
+                count(self, "input_clamp", ((p < lo) | (p > 1.0 - lo)).sum(), float(p.numel()))
             p = p.clamp(lo, 1.0 - lo)
         y = torch.log(p) - torch.log1p(-p)
         if self.logdet_form == "softplus":
@@ -100,6 +105,8 @@ class BatchNormBijector(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
         self.register_buffer("running_mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("running_var", torch.ones(1, channels, 1, 1))
+        add_counter(self, "bn_mean_gap")
+        add_counter(self, "bn_logvar_gap")
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.training:
@@ -107,6 +114,11 @@ class BatchNormBijector(nn.Module):
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         var = x.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
         with torch.no_grad():
+            # how far this batch is from what evaluation will use (before the running update):
+            # the mean in running standard deviations, the variance as a log ratio; channel means
+            run_var = self.running_var + self.eps
+            count(self, "bn_mean_gap", ((mean - self.running_mean).abs() / run_var.sqrt()).mean(), 1.0)
+            count(self, "bn_logvar_gap", (torch.log(var + self.eps) - torch.log(run_var)).abs().mean(), 1.0)
             self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(var.detach().to(self.running_var.dtype), self.momentum)
         return mean, var

@@ -19,9 +19,10 @@ from study.run.state import RunState, restore
 from study.run.step import Precision
 
 
-def event(epoch: int, step: int, loss: float, amp: str) -> dict[str, Any]:
-    """One divergence, as recorded in the run's events."""
-    cause = "non-finite loss" if not math.isfinite(loss) else "non-finite gradient"
+def event(epoch: int, step: int, loss: float, amp: str, cause: str | None = None) -> dict[str, Any]:
+    """One divergence, as recorded in the run's events; by default a training step's (its loss, else
+    its gradient was not finite)."""
+    cause = cause or ("non-finite loss" if not math.isfinite(loss) else "non-finite gradient")
     return {"epoch": epoch, "step": step, "cause": cause, "amp": amp}
 
 

@@ -17,7 +17,6 @@ from study.run import checkpoint
 from study.run.loop import Run, train_to_the_end
 from study.run.spec import RunResult, RunSpec, finished_result, resolve_device, run_key
 from study.run.state import new_state, restore, to_checkpoint
-from study.run.step import check_amp
 from study.tracking import NullLogger, RunLogger, create_run, find_run, setup
 
 
@@ -30,7 +29,6 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     cfg = spec.cfg
     d = distributed.from_env()
     device = resolve_device(spec.device)
-    check_amp(cfg.stabilizers.amp, device)
     if d.enabled and resume_run_id is not None:
         raise ConfigError("--resume under torchrun: re-run the same command instead (the run identity resumes it)")
     if d.enabled and cfg.train.compile != "off":
@@ -65,7 +63,6 @@ def _named_run(spec: RunSpec, client, resume_run_id: str, uri: str, device: torc
     spec.cfg = unflatten(found[0]["config"])
     spec.variant = existing.data.tags.get(schema.VARIANT, spec.variant)
     spec.preset = existing.data.tags.get(schema.PRESET, spec.preset)
-    check_amp(spec.cfg.stabilizers.amp, device)
     return existing
 
 
@@ -75,7 +72,7 @@ def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tupl
             schema.SEED: spec.cfg.train.seed, schema.DEVICE: device, schema.TORCH_VERSION: torch.__version__,
             schema.THREADS: torch.get_num_threads(), **spec.tags}  # fmt: skip
     name = spec.run_name or f"{spec.variant}-s{spec.cfg.train.seed}"
-    run_id = create_run(exp_id, name, tags, flatten(spec.cfg), spec.parent_run_id)
+    run_id = create_run(exp_id, name, tags, flatten(spec.cfg), spec.parent_run_id, spec.description, spec.source)
     ckpt_dir = (spec.checkpoint_root / spec.experiment / run_id).resolve()
     RunLogger(run_id).tags({schema.CHECKPOINT_DIR: ckpt_dir})
     return run_id, ckpt_dir
@@ -96,7 +93,7 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
     key = run_key(spec.variant, cfg)
     if existing is None and not spec.fresh:
         existing = find_run(exp_id, key)
-    if existing is not None and existing.info.status == "FINISHED" and schema.OUTCOME in existing.data.tags:
+    if existing is not None and existing.info.status in ("FINISHED", "FAILED") and schema.OUTCOME in existing.data.tags:
         outcome = existing.data.tags[schema.OUTCOME]
         spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
         distributed.broadcast({"done": True}, d)
@@ -153,4 +150,4 @@ def _resume(run: Run, st, found) -> None:
     run.spec.echo(f"resuming run {run.run_id} after epoch {state['epoch']} from {path}")
     for entry in st.history:
         if int(entry[schema.EPOCH]) not in run.log.logged:
-            run.log.metrics(entry, step=int(entry[schema.EPOCH]))
+            run.log.metrics({k: v for k, v in entry.items() if k != schema.EPOCH}, step=int(entry[schema.EPOCH]))

@@ -21,6 +21,7 @@ from study import distributed, schema
 from study.config import Config
 from study.data import train_batches
 from study.distributed import Dist, shard
+from study.flows.activity import read_and_reset
 from study.memory import peak_memory_mb, reset_peak_memory
 from study.metrics import bits_per_dim
 from study.run import checkpoint, divergence
@@ -57,6 +58,8 @@ class EpochTotals:
     """What one epoch of steps adds up to, for its metrics."""
 
     nll_sum: float = 0.0
+    l2_sum: float = 0.0  # the L2 term, nats per image, summed over steps
+    steps: int = 0
     images: int = 0
     norms: list[float] = field(default_factory=list)
     clipped: int = 0
@@ -68,6 +71,7 @@ def train_epoch(run: Run, st: RunState, epoch: int) -> tuple[EpochTotals, dict |
     """One pass over the training data; stops at the first non-finite step and returns its event."""
     cfg, acc = run.cfg, EpochTotals()
     st.model.train()
+    read_and_reset(st.model)  # the activity counters cover this epoch's steps only
     t0 = time.perf_counter()
     steps = max(1, len(run.data["train"]) // min(cfg.train.batch_size, len(run.data["train"])))
     with epoch_bar(run.spec.progress, steps, f"epoch {epoch}") as bar:
@@ -83,6 +87,8 @@ def train_epoch(run: Run, st: RunState, epoch: int) -> tuple[EpochTotals, dict |
             if not result.finite:
                 return acc, divergence.event(epoch, st.step, result.loss, st.precision.amp)
             acc.skipped += int(result.skipped)
+            acc.steps += 1
+            acc.l2_sum += result.loss - result.nll
             acc.nll_sum += result.nll * len(x) * run.d.world
             acc.images += len(x) * run.d.world
             if math.isfinite(result.grad_norm):
@@ -95,12 +101,13 @@ def train_epoch(run: Run, st: RunState, epoch: int) -> tuple[EpochTotals, dict |
 
 
 def epoch_metrics(run: Run, st: RunState, acc: EpochTotals, epoch: int, t0: float) -> dict[str, float]:
-    """Evaluate the validation split and put the epoch's numbers together (schema names)."""
+    """Evaluate the validation split (fp32, eval mode) and put the epoch's numbers together: losses,
+    speed, and how much each stabilizer acted (schema names)."""
     cfg, norms, num_dims = run.cfg, acc.norms, st.model.num_dims
-    val_bpd = evaluate(st.model, run.data["val"], cfg.train.eval_batch_size, st.precision.amp, cfg.train.channels_last,
-                       run.d)  # fmt: skip
+    activity = {schema.FLOW_ACTIVITY[k]: v for k, v in read_and_reset(st.model).items()}
+    val_bpd = evaluate(st.model, run.data["val"], cfg.train.eval_batch_size, cfg.train.channels_last, run.d)
+    ratios = sorted(n / run.max_norm for n in norms)
     metrics = {
-        schema.EPOCH: float(epoch),
         schema.TRAIN_BPD: bits_per_dim(-acc.nll_sum / max(acc.images, 1), num_dims),
         schema.VAL_BPD: val_bpd,
         schema.LR: lr_at(max(st.step - 1, 0), cfg.train.lr, cfg.stabilizers.warmup_steps, st.lr_factor),
@@ -108,6 +115,9 @@ def epoch_metrics(run: Run, st: RunState, acc: EpochTotals, epoch: int, t0: floa
         schema.GRAD_NORM_MAX: max(norms) if norms else math.nan,
         schema.GRAD_NORM_MEDIAN: sorted(norms)[len(norms) // 2] if norms else math.nan,
         schema.CLIP_FRACTION: acc.clipped / max(len(norms), 1),
+        schema.CLIP_RATIO_MEDIAN: ratios[len(ratios) // 2] if ratios and math.isfinite(run.max_norm) else 0.0,
+        schema.L2_PENALTY: acc.l2_sum / max(acc.steps, 1),
+        **activity,
         schema.NONFINITE_EVENTS: float(sum(1 for e in st.events if e["epoch"] == epoch)),
         schema.SKIPPED_STEPS: float(acc.skipped),
         schema.IMAGES_PER_S: acc.images / acc.seconds,
@@ -125,7 +135,8 @@ def on_divergence(run: Run, st: RunState, event: dict) -> bool:
     stab = run.cfg.stabilizers
     st.events.append(event)
     event["action"] = divergence.decide(stab, st.retries)
-    run.log.metrics({schema.NONFINITE_EVENT: 1.0}, step=event["epoch"])
+    run.log.metrics({schema.NONFINITE_EVENTS: float(sum(e["epoch"] == event["epoch"] for e in st.events))},
+                    step=event["epoch"])  # fmt: skip
     doing = "restoring the last good checkpoint" if event["action"] == "restore" else "stopping"
     run.spec.echo(f"epoch {event['epoch']}: {event['cause']} at step {event['step']} (amp {event['amp']}); {doing}")
     if event["action"] == "stop":
@@ -136,6 +147,7 @@ def on_divergence(run: Run, st: RunState, event: dict) -> bool:
 
 def record_epoch(run: Run, st: RunState, metrics: dict[str, float], epoch: int) -> None:
     """Checkpoint the epoch (every rank waits for it), then log it to MLflow once, with its samples."""
+    metrics = {schema.EPOCH: float(epoch), **metrics}  # kept in the checkpoint's history, not logged
     st.history.append(metrics)
     st.epoch = epoch
     t_ckpt = time.perf_counter()
@@ -147,7 +159,7 @@ def record_epoch(run: Run, st: RunState, metrics: dict[str, float], epoch: int) 
     if epoch in run.log.logged:
         return
     log_before = run.log.seconds
-    run.log.metrics(metrics, step=epoch)
+    run.log.metrics({k: v for k, v in metrics.items() if k != schema.EPOCH}, step=epoch)
     if run.d.main and (epoch % run.cfg.train.sample_every == 0 or epoch == run.cfg.train.epochs):
         log_samples(st.model, run.log, epoch)
     # MLflow calls only (not sampling, not checkpointing): the tracking overhead
@@ -168,6 +180,12 @@ def run_epochs(run: Run, st: RunState) -> str:
             epoch = st.epoch + 1  # the restored checkpoint's next epoch
             continue
         metrics = epoch_metrics(run, st, acc, epoch, t0)
+        if not math.isfinite(metrics[schema.VAL_BPD]):  # a model that scores inf or NaN has diverged
+            event = divergence.event(epoch, st.step, metrics[schema.VAL_BPD], st.precision.amp, "non-finite validation")
+            if on_divergence(run, st, event):
+                return "diverged"
+            epoch = st.epoch + 1
+            continue
         record_epoch(run, st, metrics, epoch)
         run.spec.echo(
             f"epoch {epoch}/{cfg.train.epochs}  train {metrics[schema.TRAIN_BPD]:.4f}  "
@@ -186,9 +204,13 @@ def finish(run: Run, st: RunState, outcome: str) -> RunResult:
     final_epoch = int(st.history[-1][schema.EPOCH]) if st.history else 0
     test_bpd = None
     if outcome != "diverged" and run.spec.evaluate_test:
-        test_bpd = evaluate(st.model, run.data["test"], cfg.train.eval_batch_size, st.precision.amp,
-                            cfg.train.channels_last, run.d)  # fmt: skip
-        run.log.metrics({schema.TEST_BPD: test_bpd}, step=final_epoch)
+        test_bpd = evaluate(st.model, run.data["test"], cfg.train.eval_batch_size, cfg.train.channels_last, run.d)
+        if math.isfinite(test_bpd):
+            run.log.metrics({schema.TEST_BPD: test_bpd}, step=final_epoch)
+        else:  # no policy can repair the final model: the run diverged at its test
+            events.append({**divergence.event(final_epoch, st.step, test_bpd, st.precision.amp, "non-finite test"),
+                           "action": "stop"})  # fmt: skip
+            outcome, test_bpd = "diverged", None
     end_tags = {schema.OUTCOME: outcome, schema.RETRIES: st.retries, schema.FINAL_AMP: st.precision.amp}
     if events:
         end_tags[schema.FIRST_NONFINITE_EPOCH] = events[0]["epoch"]
@@ -220,10 +242,13 @@ def pruned(run: Run, st: RunState, epoch: int) -> RunResult:
 
 
 def train_to_the_end(run: Run, st: RunState) -> RunResult:
-    """The epochs and the end of the run, with its MLflow status set whatever happens."""
+    """The epochs and the end of the run, with its MLflow status set whatever happens: FINISHED, or
+    FAILED for a run that diverged (its outcome tag says so), KILLED when interrupted or pruned."""
     status = "FINISHED"
     try:
-        return finish(run, st, run_epochs(run, st))
+        result = finish(run, st, run_epochs(run, st))
+        status = "FAILED" if result.outcome == "diverged" else "FINISHED"
+        return result
     except RunPruned:
         status = "KILLED"
         return pruned(run, st, st.epoch)

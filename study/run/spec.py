@@ -52,6 +52,8 @@ class RunSpec:
     on_epoch: Callable[[int, float], None] | None = None
     evaluate_test: bool = True  # False for search trials: tuning never touches the test split
     run_name: str | None = None  # default: VARIANT-sSEED
+    description: str = ""  # shown as the run's description in the MLflow UI (a variant's rationale)
+    source: str = "run_study.py train"  # the entry point, MLflow's source tag
     hooks: Hooks = field(default_factory=Hooks)
 
 
@@ -88,9 +90,12 @@ def resolve_device(name: str) -> torch.device:
 
 def finished_result(run) -> RunResult:
     """The result of an MLflow run that already finished (nothing is trained again)."""
+    import mlflow
+
     from study import schema
 
     m, tags = run.data.metrics, run.data.tags
-    epochs = int(m.get(schema.EPOCH, 0))
+    steps = [p.step for p in mlflow.MlflowClient().get_metric_history(run.info.run_id, schema.VAL_BPD)]
+    epochs = max(steps, default=0)
     return RunResult(run.info.run_id, tags[schema.OUTCOME], epochs, m.get(schema.VAL_BPD, math.nan),
                      m.get(schema.TEST_BPD), [], already_done=True)  # fmt: skip

@@ -103,7 +103,7 @@ def checkpoint_of_run(run_id: str, uri: str | None) -> dict:
 
     from study import schema
     from study.run import checkpoint
-    from study.tracking import resolve_tracking_uri
+    from study.tracking import download_artifact, resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(uri))
     client = mlflow.MlflowClient()
@@ -117,10 +117,8 @@ def checkpoint_of_run(run_id: str, uri: str | None) -> dict:
     if found is not None:
         return found[0]
     try:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=f"{schema.CHECKPOINT_ARTIFACT_DIR}/{checkpoint.LAST}"
-        )
-    except Exception:
+        local = download_artifact(run_id, f"{schema.CHECKPOINT_ARTIFACT_DIR}/{checkpoint.LAST}", uri)
+    except FileNotFoundError:
         raise ValueError(f"run {run_id} has no checkpoint (neither its folder nor an artifact)") from None
     return torch.load(local, map_location="cpu", weights_only=True)
 

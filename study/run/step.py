@@ -12,15 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from study.config import ConfigError
 from study.data import eval_batches
 from study.distributed import SINGLE, Dist, all_sum, shard
 from study.metrics import bits_per_dim
-
-
-def check_amp(amp: str, device: torch.device) -> None:
-    if amp == "fp16" and device.type != "cuda":
-        raise ConfigError("stabilizers.amp=fp16 needs CUDA (GradScaler); on the CPU use stabilizers.amp=bf16")
 
 
 @dataclass
@@ -33,8 +27,7 @@ class Precision:
 
     @classmethod
     def create(cls, amp: str, device: torch.device) -> Precision:
-        check_amp(amp, device)
-        return cls(amp, torch.amp.GradScaler("cuda") if amp == "fp16" else None)
+        return cls(amp, torch.amp.GradScaler(device.type) if amp == "fp16" else None)
 
     @classmethod
     def off(cls) -> Precision:
@@ -60,12 +53,11 @@ def lr_at(step: int, base: float, warmup_steps: int, factor: float = 1.0) -> flo
 
 
 @torch.no_grad()
-def evaluate(
-    model, images: torch.Tensor, batch_size: int, amp: str = "off", channels_last: bool = False, d: Dist = SINGLE
-) -> float:
-    """Bits/dim over every image of a split in eval mode: the mean of per-image values, so batches of
-    different sizes are weighted by their size. Restores the model's previous mode. Under torchrun each
-    rank takes its share of every batch (same noise as one process) and the sums are all-reduced."""
+def evaluate(model, images: torch.Tensor, batch_size: int, channels_last: bool = False, d: Dist = SINGLE) -> float:
+    """Bits/dim over every image of a split in eval mode and fp32, whatever precision the model trains
+    in: the mean of per-image values, so batches of different sizes are weighted by their size.
+    Restores the model's previous mode. Under torchrun each rank takes its share of every batch (same
+    noise as one process) and the sums are all-reduced."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=images.device)  # sum of bits/dim, count
@@ -73,13 +65,27 @@ def evaluate(
         x = shard(x, d)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(amp, images.device):
-            lp = model.log_prob(x)
-        total[0] += bits_per_dim(lp.double(), model.num_dims).sum()
+        total[0] += bits_per_dim(model.log_prob(x).double(), model.num_dims).sum()
         total[1] += len(x)
     model.train(was_training)
     total = all_sum(total, d)
     return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def per_image_bpd(model, images: torch.Tensor, batch_size: int, train_mode: bool = False) -> torch.Tensor:
+    """(N,) float64 bits/dim of every image in fp32, with evaluate's fixed dequantization noise; in
+    ``train_mode`` each batch is normalised by its own statistics (the model is not changed: batch-norm
+    running averages are put back). Restores the model's previous mode."""
+    import copy
+
+    was_training = model.training
+    running = copy.deepcopy({k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k})
+    model.train(train_mode)
+    values = [bits_per_dim(model.log_prob(x).double(), model.num_dims) for x in eval_batches(images, batch_size)]
+    model.load_state_dict(running, strict=False)
+    model.train(was_training)
+    return torch.cat(values)
 
 
 @dataclass

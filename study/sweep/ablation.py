@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablation import Variant, get_study
+from experiments.ablation import Variant
+from experiments.studies import families, get_study
 from study import schema
 from study.config import Config, ConfigError, apply_values, flatten, identity
 from study.sweep import driver
@@ -106,22 +107,37 @@ def make_plan(
 
 
 def describe(plan: Plan) -> str:
-    """The plan as text: variants with their overrides against the base, seeds, cell count."""
-    base = flatten(plan.base)
+    """The plan as text: per family its question and baseline, then each member with the switches it
+    changes against that baseline; seeds and cell count."""
     lines = [
         f"study {plan.study} at preset {plan.preset}: {len(plan.variants)} variants x {len(plan.seeds)} seeds "
         f"= {len(plan.cells)} cells, {plan.base.train.epochs} epochs each",
         f"seeds: {', '.join(map(str, plan.seeds))} (shared by every variant)",
         f"MLflow experiment {plan.experiment}; Optuna study {plan.optuna_name} in {plan.storage}",
-        "",
     ]
-    for v in plan.variants:
-        changed = {k: val for k, val in v.overrides.items() if base.get(k) != val}
-        lines.append(f"{v.name:<20} {v.rationale}")
-        shown = ", ".join(f"{k.split('.', 1)[1]}={val}" for k, val in changed.items()) or "(same as base)"
-        lines.append(f"{'':<20} {shown}")
-    for v, why in plan.skipped:
-        lines.append(f"{v.name:<20} skipped here: {why}")
+    by_name = {v.name: v for v in (*plan.variants, *(v for v, _ in plan.skipped))}
+    skipped = dict((v.name, why) for v, why in plan.skipped)
+    for fam in families(plan.study):
+        members = [m for m in fam.members if m in by_name]
+        if not members:
+            continue
+        if fam.baseline == "design":  # a factorial: every cell's levels, no baseline
+            lines += ["", f"[{fam.name}] {fam.question}"] + [f"  {m:<26} {by_name[m].rationale}" for m in members]
+            continue
+        against = "the member before it" if fam.baseline == "previous" else f"`{fam.baseline}`"
+        lines += ["", f"[{fam.name}] {fam.question} (each against {against})"]
+        for name in members:
+            ref = fam.comparator(name)
+            v = by_name[name]
+            if ref is None:
+                shown = "(baseline)"
+            else:
+                base = {**flatten(plan.base), **by_name[ref].overrides} if ref in by_name else flatten(plan.base)
+                changed = {k: val for k, val in flatten(plan.cell_config(v, 0)).items()
+                           if k.startswith("stabilizers.") and base.get(k) != val}  # fmt: skip
+                shown = ", ".join(f"{k.split('.', 1)[1]}={val}" for k, val in changed.items()) or "(no switch differs)"
+            lines.append(f"  {name:<22} {v.rationale}")
+            lines.append(f"  {'':<22} {shown}" + (f"  [skipped here: {skipped[name]}]" if name in skipped else ""))
     return "\n".join(lines)
 
 
@@ -240,7 +256,7 @@ def work(
                        tracking_uri=plan.tracking_uri, device=device, checkpoint_root=plan.checkpoint_root,
                        parent_run_id=parent_run_id, tags={schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key},
                        echo=lambda s: echo(f"[worker {worker}] {variant.name} s{seed}: {s}"),
-                       progress=False)  # fmt: skip
+                       progress=False, description=variant.rationale, source="run_study.py ablation")  # fmt: skip
         return driver.record_trial(trial, train(spec, splits=splits))
 
     def stop_when_grid_is_taken(study, trial) -> None:
@@ -255,6 +271,32 @@ def work(
         return 0
     study.optimize(objective, callbacks=[stop_when_grid_is_taken], catch=())
     return done
+
+
+def record_skipped(plan: Plan, parent_run_id: str) -> int:
+    """Every cell this device cannot run becomes an MLflow run with outcome ``skipped`` and the reason,
+    once (found again by its run identity), so a report counts it instead of never seeing it."""
+    import mlflow
+
+    from study.run import run_key
+    from study.tracking import create_run, find_run
+
+    exp_id = mlflow.MlflowClient().get_experiment_by_name(plan.experiment).experiment_id
+    made = 0
+    for variant, why in plan.skipped:
+        for seed in plan.seeds:
+            cfg = plan.cell_config(variant, seed)
+            key = run_key(variant.name, cfg)
+            if find_run(exp_id, key) is not None:
+                continue
+            tags = {schema.RUN_KEY: key, schema.PRESET: plan.preset, schema.VARIANT: variant.name, schema.SEED: seed,
+                    schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key, schema.OUTCOME: "skipped",
+                    schema.SKIP_REASON: why}  # fmt: skip
+            run_id = create_run(exp_id, f"{variant.name}-s{seed}", tags, flatten(cfg), parent_run_id,
+                                f"{variant.rationale} (not run here: {why})", "run_study.py ablation")  # fmt: skip
+            mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+            made += 1
+    return made
 
 
 def _worker_main(plan: Plan, parent_run_id: str, worker: int, threads: int) -> None:
@@ -300,6 +342,8 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
 
     parent = driver.prepare(plan.sweep)
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
+    if record_skipped(plan, parent):
+        echo(f"recorded {len(plan.skipped) * len(plan.seeds)} cell(s) this device cannot run as skipped")
     last = [None]
 
     def progress() -> None:

@@ -173,7 +173,9 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
                        tracking_uri=search.tracking_uri, device=search.device, checkpoint_root=search.checkpoint_root,
                        parent_run_id=parent, tags={schema.LR_SEARCH: search.name, schema.TRIAL: str(trial.number)},
                        echo=lambda s: echo(f"[worker {worker}] trial {trial.number}: {s}"), progress=False,
-                       on_epoch=on_epoch, evaluate_test=False)  # fmt: skip
+                       on_epoch=on_epoch, evaluate_test=False, run_name=f"{search.variant}-lr{lr:.3g}-t{trial.number}",
+                       description=f"learning-rate search {search.name}: trial {trial.number}, lr {lr:.4g}",
+                       source="run_study.py lr-search")  # fmt: skip
         result = train(spec, splits=splits)
         value = driver.record_trial(trial, result)
         if result.outcome == "pruned":

@@ -1,0 +1,49 @@
+"""The registry of studies that `run_study.py ablation STUDY` runs: their variants and families."""
+
+from __future__ import annotations
+
+from experiments import factorial
+from experiments.ablation import FAMILIES, STABILIZERS, Family, Variant
+
+STUDIES: dict[str, tuple[Variant, ...]] = {
+    "stabilizers": STABILIZERS,
+    "factorial": factorial.HALF,
+    "factorial-full": factorial.FULL,
+}
+STUDY_FAMILIES: dict[str, tuple[Family, ...]] = {
+    "stabilizers": FAMILIES,
+    # a factorial has no baseline: every cell is read together ("design")
+    **{name: (Family(name, "every main effect and two-factor interaction", "design",
+                     tuple(v.name for v in cells)),) for name, cells in (("factorial", factorial.HALF),
+                                                                         ("factorial-full", factorial.FULL))},
+}  # fmt: skip
+STUDY_DESCRIPTIONS = {
+    "stabilizers": "which of the seed report's stabilizers does Real NVP need? (families of one-at-a-time contrasts)",
+    "factorial": "every main effect and two-factor interaction of five stabilizers: 2^(5-1) resolution-V half fraction",
+    "factorial-full": "the same five stabilizers, full 2^5 factorial",
+}
+FACTORIAL_STUDIES = ("factorial", "factorial-full")
+
+
+def get_study(name: str) -> tuple[Variant, ...]:
+    if name not in STUDIES:
+        raise KeyError(f"unknown study {name!r}: `run_study.py ablation --list` shows {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def families(study: str) -> tuple[Family, ...]:
+    """The families of a study (one family holding every variant when it declares none)."""
+    if study in STUDY_FAMILIES:
+        return STUDY_FAMILIES[study]
+    names = tuple(v.name for v in get_study(study))
+    return (Family(study, STUDY_DESCRIPTIONS.get(study, ""), names[0], names),)
+
+
+def find_variant(name: str) -> Variant:
+    """A variant of any study by name (``train --variant``); KeyError lists the known ones."""
+    for variants in STUDIES.values():
+        for v in variants:
+            if v.name == name:
+                return v
+    known = ", ".join(v.name for v in STABILIZERS)
+    raise KeyError(f"unknown variant {name!r}: use one of {known}, or a cell of `ablation factorial --dry-run`")
