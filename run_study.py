@@ -355,6 +355,32 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment):
 
 
 @cli.command()
+@click.option("--run", "run_id", required=True, help="MLflow run id whose last checkpoint to evaluate")
+@click.option("--data", default=None, help="patches | npz:DIR | cifar10:DIR (default: the run's own data)")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="test", show_default=True)
+@click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
+              help="eval: batch norm's running statistics; train: each batch's own")  # fmt: skip
+@click.option("--bn-recalibrate", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="re-estimate batch-norm running statistics from N training batches first")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="evaluation batch (default: the run's)")
+@click.option("--log/--no-log", default=True, show_default=True, help="record the result on the run")
+@TRACKING
+def evaluate(run_id, data, split, mode, bn_recalibrate, batch, log, tracking_uri):
+    """Evaluate a run's checkpoint on any data and split, in eval or train mode: bits/dim +- its
+    standard error over images, logged to the run under a name that states data, split and mode."""
+    from study.data import DataError
+    from study.run.evaluation import evaluate_run
+
+    try:
+        r = evaluate_run(run_id, tracking_uri, data, split, mode, bn_recalibrate, batch, log)
+    except (ValueError, DataError) as e:
+        _fail(str(e))
+    recal = f", batch norm re-estimated from {r.recalibrate} training batches" if r.recalibrate else ""
+    click.echo(f"run {run_id}: {r.split} split of {r.data} data, {r.mode} mode{recal}: {r.bpd:.4f} +- {r.se:.4f} "
+               f"bits/dim (standard error over {r.n} images)" + (f"; logged as {r.metric}" if log else ""))
+
+
+@cli.command()
 @TRACKING
 @click.option("--port", type=int, default=5000, show_default=True)
 def ui(tracking_uri, port):

@@ -78,12 +78,87 @@ def find_experiment(tracking_uri: str | None, experiment: str):
     return exp
 
 
+def metric_histories(tracking_uri: str | None, run_ids: list[str]) -> dict[str, dict[int, dict[str, float]]]:
+    """{run_id: {epoch: {metric: value}}} of HISTORY_METRICS: the one place histories are read. A SQLite
+    store is read in one read-only query (one client call per run and key costs ~10 ms: seconds for a
+    study); any other store through MLflow's public client. tests/test_analysis.py checks both agree."""
+    fast = _histories_from_sqlite(tracking_uri, run_ids)
+    if fast is not None:
+        return {run_id: fast.get(run_id, {}) for run_id in run_ids}
+    client = _client(tracking_uri)
+    return {run_id: _history_via_client(client, run_id) for run_id in run_ids}
+
+
+def _expected_identity(variant: str, seed: int, base_params: dict[str, str]) -> dict | None:
+    """The identity a cell of ``variant`` and ``seed`` should have under the study's base config (its
+    parent's params), or None when the variant is not a known one."""
+    from experiments.studies import find_variant
+    from study.config import Config, apply_values
+
+    try:
+        v = find_variant(variant)
+    except KeyError:
+        return None
+    cfg = apply_values(apply_values(Config(), base_params), {**v.overrides, "train.seed": seed})
+    return _comparable(cfg)
+
+
+def _comparable(cfg) -> dict:
+    from analysis.activity import IGNORED
+    from study.config import identity
+
+    return {k: v for k, v in identity(cfg).items() if k not in IGNORED}
+
+
+def pooling_check(runs: pd.DataFrame, parent_params: dict[str, dict[str, str]]) -> pd.Series:
+    """Per run, why it must not be pooled with its variant's other seeds ("" when it may be): its
+    config disagrees with what its variant and seed give under its study's base config (a mislabelled
+    or drifted run), its variant is unknown, or another run holds the same cell (a duplicate: the
+    newest finished one is kept)."""
+    from study.config import Config, apply_values
+
+    reasons = []
+    for _, r in runs.iterrows():
+        base = parent_params.get(r["parent_run_id"])
+        if base is None:
+            reasons.append("")  # no study base to check against (a run trained on its own)
+            continue
+        expected = _expected_identity(r["variant"], int(r["seed"]), base)
+        params = {k: str(r[k]) for k in r.index if isinstance(k, str) and "." in k and not pd.isna(r[k])}
+        try:
+            actual = _comparable(apply_values(Config(), params))
+        except ValueError:
+            actual = None
+        if expected is None:
+            reasons.append(f"variant {r['variant']!r} is not a known variant")
+        elif actual != expected:
+            diff = sorted(k for k in expected if actual is None or actual.get(k) != expected[k])
+            reasons.append("config disagrees with its variant: " + ", ".join(diff[:3]))
+        else:
+            reasons.append("")
+    out = pd.Series(reasons, index=runs.index)
+    ok = out == ""
+    rank = runs["outcome"].isin(["completed", "recovered", "diverged", "skipped"]).astype(int)
+    order = runs.assign(_rank=rank).sort_values(["_rank", "end_time"], ascending=False)
+    seen = set()
+    for idx, r in order.iterrows():
+        if not ok[idx]:
+            continue
+        cell = (r["variant"], int(r["seed"]))
+        if cell in seen:
+            out[idx] = "duplicate of another run of the same variant and seed"
+        seen.add(cell)
+    return out
+
+
 def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(runs, history, parents) of an experiment's study.
 
     runs: one row per child run (a cell): run_id, parent_run_id, variant, seed, outcome, status,
         test_bpd, val_bpd (last), epochs, images_per_s (mean over epochs), first_nonfinite_epoch,
-        divergence_causes, git_commit, device, and every ``section.key`` param (numbers as numbers).
+        divergence_causes, git_commit, device, skip_reason, excluded (why the run must not be pooled
+        with its variant's seeds, "" when it may: see pooling_check), and every ``section.key`` param
+        (numbers as numbers).
     history: one row per (run_id, epoch) with the per-epoch metrics of HISTORY_METRICS, plus variant, seed.
     parents: one row per study parent run (run_id, study, preset, git_commit).
     """
@@ -99,7 +174,7 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
             f"experiment {experiment!r} has no training runs: run `python run_study.py ablation stabilizers` first"
         )
     rows, hist = [], []
-    histories = _histories_from_sqlite(tracking_uri, [r.info.run_id for r in cells])
+    histories = metric_histories(tracking_uri, [r.info.run_id for r in cells])
     for r in cells:
         tags, metrics = r.data.tags, r.data.metrics
         row = {
@@ -115,12 +190,12 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
             "git_commit": tags.get("git_commit", ""),
             "device": tags.get("device", ""),
             "preset": tags.get("preset", ""),
+            "skip_reason": tags.get("skip_reason", ""),
+            "end_time": r.info.end_time or 0,
         }
         for key, value in r.data.params.items():
             row[key] = _param_value(value)
-        per_epoch = (
-            histories.get(r.info.run_id, {}) if histories is not None else _history_via_client(client, r.info.run_id)
-        )
+        per_epoch = histories[r.info.run_id]
         for epoch, values in sorted(per_epoch.items()):
             hist.append({"run_id": r.info.run_id, "variant": row["variant"], "seed": row["seed"], "epoch": epoch,
                          **values})  # fmt: skip
@@ -131,7 +206,8 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
         row["images_per_s"] = sum(speeds) / len(speeds) if speeds else float("nan")
         rows.append(row)
     runs = pd.DataFrame(rows).sort_values(["variant", "seed", "run_id"]).reset_index(drop=True)
-    history = pd.DataFrame(hist)
+    runs["excluded"] = pooling_check(runs, {p.info.run_id: dict(p.data.params) for p in parents})
+    history = pd.DataFrame(hist, columns=["run_id", "variant", "seed", "epoch", *HISTORY_METRICS])
     for col in HISTORY_METRICS:
         if col not in history:
             history[col] = float("nan")

@@ -22,46 +22,76 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def learning_curves(history: pd.DataFrame, path: Path, clip: float | None = 9.0) -> Path:
+def off_scale(history: pd.DataFrame, limit: float = 8.5) -> list[str]:
+    """Variants with a non-finite value or a validation mean above ``limit`` bits/dim (worse than the
+    uniform density's 8) in some epoch: drawn apart, so they do not flatten the others."""
+    values = history.assign(val_bpd=history["val_bpd"].astype(float))
+    mean = values.groupby(["variant", "epoch"])["val_bpd"].mean()
+    bad = set(mean[~np.isfinite(mean) | (mean > limit)].index.get_level_values(0))
+    return sorted(bad | set(values.loc[~np.isfinite(values["val_bpd"]), "variant"]))
+
+
+def learning_curves(history: pd.DataFrame, path: Path) -> Path:
     """Train and validation bits/dim per epoch, one line per variant (mean over seeds), band = min-max
     over seeds (the seed report's Figure 1). history: one row per (run_id, epoch) with variant,
-    train_bpd, val_bpd. Values above ``clip`` are drawn at the top edge (a diverging variant would
-    flatten the rest). Aggregated here, not by seaborn, so 100 runs x 100 epochs draw in a second."""
+    train_bpd, val_bpd. Off-scale variants (:func:`off_scale`) get their own row with a log axis.
+    Aggregated here, not by seaborn, so 100 runs x 100 epochs draw in a second."""
     sns.set_theme(style="whitegrid", context="notebook")
+    apart = off_scale(history)
+    groups = [("in range", history[~history["variant"].isin(apart)])]
+    if apart:
+        groups.append(("off scale, log axis", history[history["variant"].isin(apart)]))
     variants = sorted(history["variant"].unique())
-    colors = dict(zip(variants, sns.color_palette("tab20", len(variants)), strict=True))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
-    for ax, (key, title) in zip(axes, [("train_bpd", "train (train mode)"), ("val_bpd", "validation (eval mode)")],
-                                strict=True):  # fmt: skip
-        values = history[["variant", "epoch", key]].dropna()
-        if clip is not None:
-            values = values.assign(**{key: values[key].clip(upper=clip)})
-        agg = values.groupby(["variant", "epoch"])[key].agg(["mean", "min", "max"]).reset_index()
-        for variant, a in agg.groupby("variant", sort=True):
-            ax.plot(a["epoch"], a["mean"], marker="o", markersize=3, color=colors[variant], label=variant)
-            ax.fill_between(a["epoch"], a["min"], a["max"], color=colors[variant], alpha=0.15, lw=0)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-    axes[0].set_ylabel("bits/dim")
-    axes[1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
-    note = f"; values above {clip:g} drawn at {clip:g}" if clip is not None else ""
-    fig.suptitle(f"bits/dim per epoch: mean over seeds, band = min-max over seeds{note}")
+    colors = dict(zip(variants, sns.color_palette("tab20", len(variants)) * 2, strict=False))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(13, 4.4 * len(groups)), squeeze=False)
+    panels = [("train_bpd", "train (train mode)"), ("val_bpd", "validation (eval mode, fp32)")]
+    for row, (label, h) in enumerate(groups):
+        for ax, (key, title) in zip(axes[row], panels, strict=True):
+            values = h[["variant", "epoch", key]].replace([np.inf, -np.inf], np.nan).dropna()
+            agg = values.groupby(["variant", "epoch"])[key].agg(["mean", "min", "max"]).reset_index()
+            for variant, a in agg.groupby("variant", sort=True):
+                ax.plot(a["epoch"], a["mean"], marker="o", markersize=3, color=colors[variant], label=variant)
+                ax.fill_between(a["epoch"], a["min"], a["max"], color=colors[variant], alpha=0.15, lw=0)
+            ax.set_title(f"{title}: {label}")
+            ax.set_xlabel("epoch")
+            if row == 1:
+                ax.set_yscale("log")
+        axes[row, 0].set_ylabel("bits/dim")
+        axes[row, 1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    fig.suptitle("bits/dim per epoch: mean over seeds, band = min-max over seeds (non-finite epochs left out)")
     return _save(fig, path)
 
 
-def effects(effect_table: pd.DataFrame, path: Path, baseline: str = "seed-report") -> Path:
-    """Paired difference against ``baseline`` with its 95% bootstrap CI, one row per variant."""
-    t = effect_table.dropna(subset=["mean_diff"]).sort_values("mean_diff")
+FADED = ("did not act", "fails to train")
+
+
+def family_effects(comparisons: pd.DataFrame, path: Path) -> Path:
+    """One panel per family: each member's paired difference on test bits/dim against its comparator
+    with the 95% t interval over seeds (right = worse). A panel whose intervals span more than 1
+    bits/dim uses a symmetric log axis, so small effects stay readable beside a large one."""
     sns.set_theme(style="whitegrid", context="notebook")
-    fig, ax = plt.subplots(figsize=(7, 0.45 * max(len(t), 2) + 1.2))
-    y = np.arange(len(t))
-    lo = (t["mean_diff"] - t["ci_lo"]).fillna(0).clip(lower=0)
-    hi = (t["ci_hi"] - t["mean_diff"]).fillna(0).clip(lower=0)
-    ax.errorbar(t["mean_diff"], y, xerr=[lo, hi], fmt="o", color="tab:blue", capsize=3)
-    ax.axvline(0, color="black", lw=1)
-    ax.set_yticks(y, [f"{v} (n={n})" for v, n in zip(t["variant"], t["n_pairs"], strict=True)])
-    ax.set_xlabel(f"test bits/dim minus {baseline}, same seed (right = worse)")
-    ax.set_title("effect of each change, paired over seeds, 95% bootstrap CI")
+    fams = list(dict.fromkeys(comparisons["family"]))
+    heights = [max(2, int((comparisons["family"] == f).sum())) * 0.42 + 0.9 for f in fams]
+    fig, axes = plt.subplots(len(fams), 1, figsize=(8, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})  # fmt: skip
+    for ax, fam in zip(axes[:, 0], fams, strict=True):
+        t = comparisons[comparisons["family"] == fam].reset_index(drop=True)
+        for i, r in t.iterrows():
+            faded = r["verdict"] in FADED
+            x = r["mean_diff"] if np.isfinite(r["mean_diff"]) else 0.0
+            err = [[max(x - r["ci_lo"], 0) if np.isfinite(r["ci_lo"]) else 0],
+                   [max(r["ci_hi"] - x, 0) if np.isfinite(r["ci_hi"]) else 0]]  # fmt: skip
+            color = "tab:gray" if faded else "tab:red" if r["verdict"].startswith("detectable") else "tab:blue"
+            ax.errorbar(x, i, xerr=err, fmt="x" if faded else "o", color=color, capsize=3)
+        labels = [f"{r['variant']} vs {r['against']} (n={r['n_pairs']})"
+                  + (f" [{r['verdict']}]" if r["verdict"] in FADED else "") for _, r in t.iterrows()]  # fmt: skip
+        ax.set_yticks(range(len(t)), labels, fontsize=8)
+        ax.axvline(0, color="black", lw=1)
+        span = np.nanmax(np.abs(np.r_[t["ci_lo"], t["ci_hi"], t["mean_diff"]].astype(float))) if len(t) else 0.0
+        if np.isfinite(span) and span > 1:
+            ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_title(f"{fam}: red = detectable after Holm, grey x = did not act or fails to train", fontsize=9)
+    axes[-1, 0].set_xlabel("test bits/dim minus comparator, same seed (right = worse), 95% t interval")
     return _save(fig, path)
 
 
@@ -116,4 +146,44 @@ def lr_search(trials: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("learning rate")
     ax.set_ylabel("validation bits/dim (last epoch reached)")
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    return _save(fig, path)
+
+
+def half_normal(effects: pd.DataFrame, path: Path) -> Path:
+    """Daniel's half-normal plot: |effect| of every main effect and interaction against half-normal
+    quantiles; effects on the line through the small ones are noise, those far above it are not. Red:
+    Holm-significant. effects: one row per term with term, effect, p_holm."""
+    from scipy.stats import norm
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    t = effects.assign(size=effects["effect"].abs()).sort_values("size").reset_index(drop=True)
+    m = len(t)
+    q = norm.ppf(0.5 + 0.5 * (np.arange(1, m + 1) - 0.5) / m)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    sig = (t["p_holm"] <= 0.05).to_numpy()
+    ax.scatter(q[~sig], t["size"][~sig], color="tab:blue")
+    ax.scatter(q[sig], t["size"][sig], color="tab:red")
+    for x, (_, r) in zip(q, t.iterrows(), strict=True):
+        if r["size"] >= t["size"].median():
+            ax.annotate(r["term"], (x, r["size"]), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel("half-normal quantile")
+    ax.set_ylabel("|effect| on test bits/dim (high - low)")
+    ax.set_title("half-normal plot of effects (red: Holm-significant)")
+    return _save(fig, path)
+
+
+def interaction_plots(data: pd.DataFrame, pairs: list[tuple[str, str]], path: Path, value: str = "test_bpd") -> Path:
+    """For each pair (a, b) of coded factor columns: mean ``value`` at a = -1/+1, one line per level of
+    b; parallel lines mean no interaction. data: runs that trained, with -1/+1 factor columns."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs, strict=True):
+        means = data.groupby([a, b])[value].mean().reset_index()
+        for level, g in means.groupby(b):
+            ax.plot(g[a], g[value], marker="o", label=f"{b.replace('_', '-')} {'on' if level > 0 else 'off'}")
+        ax.set_xticks([-1, 1], ["off", "on"])
+        ax.set_xlabel(a.replace("_", "-"))
+        ax.set_ylabel(f"mean {value}")
+        ax.legend(fontsize=8)
+    fig.suptitle("interactions among runs that trained (parallel lines: no interaction)")
     return _save(fig, path)

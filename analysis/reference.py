@@ -23,3 +23,9 @@ REFERENCES = (
         "measured": "best validation bits/dim (around epoch 20) of one run",
     },
 )
+
+PAPER_BPD = 3.49  # the paper's CIFAR-10 test bits/dim (Table 1)
+# The equivalence margin for "reproduces 3.49", stated before any run at the paper's scale: 0.05
+# bits/dim is about a third of the seed report's own epoch-to-epoch spread (0.137) and below the
+# distance to the next published results (Glow 3.35, i-ResNet 3.45).
+TOST_MARGIN = 0.05

@@ -1,7 +1,9 @@
-"""report/README.md regenerated from an MLflow experiment: tables, figures, provenance, conclusions.
+"""report/README.md regenerated from an MLflow experiment: every run counted, what acted, each family's
+corrected comparisons, the factorial's effects, diagnoses, figures, and the findings they support.
 
-Everything in the report is computed from the runs; re-running on the same store writes the same
-bytes (no timestamps, seeded bootstraps, sorted rows).
+Everything is computed from the runs (analysis.collect -> stats, activity, comparisons, factorial,
+diagnosis), then rendered; re-running on the same store writes the same bytes (no timestamps, sorted
+rows, no random resampling).
 """
 
 from __future__ import annotations
@@ -16,17 +18,28 @@ import pandas as pd
 
 from analysis import figures
 from analysis.collect import collect_lr_search, collect_runs
-from analysis.reference import REFERENCES
-from analysis.stats import paired_effects, variant_table
+from analysis.comparisons import family_comparisons, sentence
+from analysis.reference import PAPER_BPD, REFERENCES, TOST_MARGIN
+from analysis.stats import failures, tost, variant_table, window_label
 from study import schema
 
-BASELINE = "seed-report"
+FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
+METHOD = "mean ± sd over seeds [95% Student-t interval], n = runs averaged"
 
 
 def _fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:.{digits}f}"
+
+
+def _ci(lo, hi, digits: int = 3, sign: bool = False) -> str:
+    f = (lambda v: f"{v:+.{digits}f}") if sign else (lambda v: _fmt(v, digits))
+    return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{f(lo)}, {f(hi)}]"
+
+
+def _p(p: float) -> str:
+    return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -38,103 +51,6 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _variant_rows(table: pd.DataFrame) -> pd.DataFrame:
-    out = pd.DataFrame({
-        "variant": table["variant"],
-        "runs": table["runs"],
-        "diverged": table["diverged"],
-        "first non-finite epoch": table["first_nonfinite_epoch"].map(lambda v: "–" if v is None or pd.isna(v) else int(v)),
-        "val bpd, last-window mean": [f"{_fmt(m)} ± {_fmt(s)}" for m, s in zip(table["val_mean"], table["val_std_seeds"], strict=True)],
-        "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(table["val_ci_lo"], table["val_ci_hi"], strict=True)],
-        "within-run std": table["val_std_within"].map(_fmt),
-        "window (epochs)": table["window"],
-        "test bpd": [f"{_fmt(m)} ± {_fmt(s)}" for m, s in zip(table["test_mean"], table["test_std"], strict=True)],
-        "test 95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(table["test_ci_lo"], table["test_ci_hi"], strict=True)],
-        "img/s": table["images_per_s"].map(lambda v: _fmt(v, 0)),
-    })  # fmt: skip
-    return out
-
-
-def _effect_rows(eff: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "variant": eff["variant"],
-        "pairs": eff["n_pairs"],
-        "test bpd − seed-report": eff["mean_diff"].map(lambda v: f"{v:+.3f}" if math.isfinite(v) else "–"),
-        "95% CI": [f"[{_fmt(lo)}, {_fmt(hi)}]" for lo, hi in zip(eff["ci_lo"], eff["ci_hi"], strict=True)],
-        "paired t p": eff["p_value"].map(lambda v: _fmt(v, 2)),
-        "diverged": eff["diverged"],
-    })  # fmt: skip
-
-
-def _conclusions(eff: pd.DataFrame, table: pd.DataFrame) -> list[str]:
-    """Sentences the numbers support, each tied to its interval; nothing beyond them."""
-    lines = []
-    for _, e in eff.sort_values("variant").iterrows():
-        v = e["variant"]
-        if e["n_pairs"] < 2:
-            lines.append(f"- `{v}`: fewer than two finished pairs with `{BASELINE}`; no comparison is possible.")
-            continue
-        lo, hi, p = e["ci_lo"], e["ci_hi"], e["p_value"]
-        excludes_zero = lo > 0 or hi < 0
-        direction = "worse than" if e["mean_diff"] > 0 else "better than"
-        # a percentile bootstrap over 2-3 pairs is too narrow on its own: a verdict needs the paired
-        # t-test to agree
-        if excludes_zero and math.isfinite(p) and p < 0.05:
-            verdict = f"is {direction}"
-        elif excludes_zero:
-            verdict = f"looks {direction} (bootstrap CI excludes 0, paired t p = {p:.2f}: suggestive only)"
-        else:
-            verdict = "is not distinguishable from"
-        lines.append(
-            f"- `{v}` {verdict} `{BASELINE}` on test bits/dim at this scale: {e['mean_diff']:+.3f} "
-            f"[{lo:+.3f}, {hi:+.3f}] over {int(e['n_pairs'])} paired seeds (diverged: {e['diverged']})."
-        )
-    for _, t in table.iterrows():
-        if t["diverged"]:
-            lines.append(f"- `{t['variant']}` diverged in {int(t['diverged'])} of {int(t['runs'])} runs "
-                         f"(first non-finite epoch {int(t['first_nonfinite_epoch'])}).")  # fmt: skip
-    return lines
-
-
-def _samples(runs: pd.DataFrame, tmp: Path, uri: str) -> dict[str, Path]:
-    """The last sample grid at temperature 0.7 of each variant's lowest-seed run, where it is stored."""
-    from study.tracking import download_artifact
-
-    grids = {}
-    for variant, r in runs.groupby("variant", sort=True):
-        first = r.sort_values("seed").iloc[0]
-        name = schema.sample_artifact(int(first["epochs"]), 0.7)
-        try:
-            grids[variant] = download_artifact(first["run_id"], name, uri, tmp / variant)
-        except FileNotFoundError:  # artifacts of another machine's store may not be reachable here
-            continue
-    return grids
-
-
-def _audit(
-    runs: pd.DataFrame, tracking_uri: str | None, data: dict[str, str] | None
-) -> tuple[pd.DataFrame | None, str]:
-    """The accounting audit on the baseline's lowest-seed checkpoint; (table, which run / why none)."""
-    from analysis.audit import audit
-    from study.data import load_splits
-    from study.run.state import checkpoint_of_run, model_from_checkpoint
-
-    pick = runs[(runs["variant"] == BASELINE) & (runs["outcome"] != "diverged")]
-    if pick.empty:
-        pick = runs[runs["outcome"] != "diverged"]
-    if pick.empty:
-        return None, "no finished run to audit"
-    run = pick.sort_values("seed").iloc[0]
-    try:
-        model, cfg = model_from_checkpoint(checkpoint_of_run(run["run_id"], tracking_uri))
-        data_cfg = dataclasses.replace(cfg.data, **(data or {}))
-        splits = load_splits(data_cfg)
-    except ValueError as e:
-        return None, f"skipped: {e}"
-    table = audit(model, splits.val, splits.train, batch=cfg.train.eval_batch_size)
-    return table, f"run `{run['run_id']}` ({run['variant']}, seed {run['seed']}, epoch {run['epochs']})"
-
-
 @dataclasses.dataclass
 class Study:
     """Everything the report shows, computed once from the store (render functions only format it)."""
@@ -142,18 +58,43 @@ class Study:
     uri: str
     experiment: str
     window: int
-    runs: pd.DataFrame
+    study: str  # the ablation study's name (stabilizers, factorial, ...)
+    all_runs: pd.DataFrame  # every run of the experiment
+    runs: pd.DataFrame  # the pooled ones: one per (variant, seed), config as its variant says
     history: pd.DataFrame
     parents: pd.DataFrame
     table: pd.DataFrame
-    effects: pd.DataFrame
+    fails: pd.DataFrame
+    comparisons: pd.DataFrame
+    factorial: tuple | None  # (failure effects, EffectsFit, coded runs) of a factorial study
+    diagnosis: tuple[pd.DataFrame | None, str]
+    audits: list
     lr_trials: pd.DataFrame
-    audit_table: pd.DataFrame | None
-    audit_source: str
 
-    @property
-    def has_effects(self) -> bool:
-        return len(self.effects) > 0
+
+def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] | None, run_audit: bool,
+                  lr_experiment: str | None) -> Study:  # fmt: skip
+    from analysis import diagnosis
+    from experiments.studies import FACTORIAL_STUDIES, families
+
+    all_runs, all_history, parents = collect_runs(uri, experiment)
+    name = parents["study"].dropna().iloc[0] if parents["study"].notna().any() else "stabilizers"
+    runs = all_runs[all_runs["excluded"] == ""].reset_index(drop=True)
+    history = all_history[all_history["run_id"].isin(set(runs["run_id"]))].reset_index(drop=True)
+    factorial = None
+    if name in FACTORIAL_STUDIES:
+        from analysis.factorial import bpd_effects, coded, failure_effects
+
+        done = runs[runs["outcome"] != "skipped"]
+        factorial = (failure_effects(done), bpd_effects(done), coded(done))
+        comparisons = pd.DataFrame()
+    else:
+        comparisons = family_comparisons(runs, history, families(name))
+    diag = diagnosis.diagnose(runs, history, uri, data) if run_audit else (None, "not run (--no-audit)")
+    audits = diagnosis.audits(runs, uri, data) if run_audit else []
+    lr_trials = collect_lr_search(uri, lr_experiment or f"lr-search-{runs.iloc[0].get('preset')}")
+    return Study(uri, experiment, window, name, all_runs, runs, history, parents, variant_table(runs, history, window),
+                 failures(runs, history), comparisons, factorial, diag, audits, lr_trials)  # fmt: skip
 
 
 def _figures(st: Study, fig_dir: Path) -> None:
@@ -162,11 +103,14 @@ def _figures(st: Study, fig_dir: Path) -> None:
     fig_dir.mkdir(parents=True)
     runs, history = st.runs, st.history
     figures.learning_curves(history, fig_dir / "learning_curves.png")
-    figures.gradient_traces(history, fig_dir / "gradient_norms.png",
-                            events=runs.dropna(subset=["first_nonfinite_epoch"]).rename(columns={"first_nonfinite_epoch": "epoch"})
-                            .assign(epoch=lambda d: pd.to_numeric(d["epoch"])))  # fmt: skip
-    if st.has_effects:
-        figures.effects(st.effects, fig_dir / "effects.png", BASELINE)
+    events = runs.dropna(subset=["first_nonfinite_epoch"]).rename(columns={"first_nonfinite_epoch": "epoch"})
+    figures.gradient_traces(history, fig_dir / "gradient_norms.png", events=events.assign(epoch=pd.to_numeric(events["epoch"])))
+    if len(st.comparisons):
+        figures.family_effects(st.comparisons, fig_dir / "effects.png")
+    if st.factorial is not None and st.factorial[1].estimable:
+        _, fit, data = st.factorial
+        figures.half_normal(fit.effects, fig_dir / "half_normal.png")
+        figures.interaction_plots(data[~data["failed"]], _interaction_pairs(fit), fig_dir / "interactions.png")
     with tempfile.TemporaryDirectory() as tmp:
         grids = _samples(runs, Path(tmp), st.uri)
         if grids:
@@ -175,78 +119,177 @@ def _figures(st: Study, fig_dir: Path) -> None:
         figures.lr_search(st.lr_trials, fig_dir / "lr_search.png")
 
 
+def _interaction_pairs(fit) -> list[tuple[str, str]]:
+    """The Holm-significant interactions, else the two largest: [(coded column a, coded column b)]."""
+    inter = fit.effects[fit.effects["kind"] == "interaction"]
+    chosen = inter[inter["p_holm"] <= 0.05]
+    if chosen.empty:
+        chosen = inter.reindex(inter["effect"].abs().sort_values(ascending=False).index).head(2)
+    return [tuple(x.replace("-", "_") for x in t.split(" x ")) for t in chosen["term"]]
+
+
+def _samples(runs: pd.DataFrame, tmp: Path, uri: str) -> dict[str, Path]:
+    """The last sample grid at temperature 0.7 of each variant's lowest-seed run, where it is stored."""
+    from study.tracking import download_artifact
+
+    grids = {}
+    for variant, r in runs[runs["outcome"] != "skipped"].groupby("variant", sort=True):
+        first = r.sort_values("seed").iloc[0]
+        try:
+            grids[variant] = download_artifact(first["run_id"], schema.sample_artifact(int(first["epochs"]), 0.7), uri,
+                                               tmp / variant)  # fmt: skip
+        except FileNotFoundError:  # artifacts of another machine's store may not be reachable here
+            continue
+    return grids
+
+
 def _header(st: Study, command: str) -> list[str]:
-    runs, parents = st.runs, st.parents
+    runs, parents, everything = st.runs, st.parents, st.all_runs
     first = runs.iloc[0]
     epochs = sorted({int(e) for e in runs.get("train.epochs", runs["epochs"])})  # configured, not reached
-    seeds = sorted(set(runs["seed"]))
-    commits = sorted(set(runs["git_commit"]) | set(parents["git_commit"].dropna()))
-    lines = [
-        f"# Real NVP stabilizer ablation: {st.experiment}",
-        "",
-        f"Generated from MLflow by `{command or 'python run_study.py report'}`. Do not edit by hand: "
-        "re-running the command rewrites this file and figures/ identically.",
-        "",
-    ]
+    commits = sorted(set(everything["git_commit"]) | set(parents["git_commit"].dropna()))
+    dirty = int(everything["git_commit"].str.endswith("-dirty").sum())
+    lines = [f"# Real NVP stabilizer study: {st.experiment}", "",
+             f"Generated from MLflow by `{command or 'python run_study.py report'}`. Do not edit by hand: "
+             "re-running the command rewrites this file and figures/ identically.", ""]  # fmt: skip
     if first.get("preset") != "paper":
-        lines += [
-            f"> **Reduced scale.** Preset `{first.get('preset')}`: {int(first.get('model.num_scales', 0))} scales, "
-            f"{int(first.get('model.mid_channels', 0))} feature maps, {int(first.get('model.num_blocks', 0))} residual "
-            f"blocks, {', '.join(map(str, epochs))} epochs, batch {int(first.get('train.batch_size', 0))}. The paper "
-            "trains 64 maps x 8 blocks for 100 epochs on 50,000 images. Numbers here are comparable with each other, "
-            "not with the paper's 3.49.",
-            "",
-        ]
+        lines += [f"> **Reduced scale.** Preset `{first.get('preset')}`: {int(first.get('model.num_scales', 0))} scales, "
+                  f"{int(first.get('model.mid_channels', 0))} feature maps, {int(first.get('model.num_blocks', 0))} residual "
+                  f"blocks, {', '.join(map(str, epochs))} epochs, batch {int(first.get('train.batch_size', 0))}, "
+                  f"{_images(first)}. The paper trains 64 maps x 8 blocks for 100 epochs on 50,000 images. Numbers here are "
+                  "comparable with each other, **not with the paper's 3.49**: no equivalence test against it is made.", ""]  # fmt: skip
+    provenance = "all from one clean commit" if len(commits) == 1 and not dirty else f"{dirty} runs from modified trees"
     return lines + [
-        "## Provenance",
-        "",
-        f"- tracking store: `{st.uri}`, experiment `{st.experiment}`",
-        f"- data: `{first.get('data.source')}` {('`' + str(first.get('data.path')) + '`') if first.get('data.path') else '(embedded)'}, validation fraction "
-        f"{first.get('data.val_fraction')}, split seed {first.get('data.split_seed')}",
-        f"- seeds: {', '.join(map(str, seeds))} (shared across variants); runs: {len(runs)}",
-        f"- hardware: {', '.join(sorted(set(runs['device'])))}; git commits: {', '.join(f'`{c}`' for c in commits)}",
-        f"- study parent runs: {', '.join(f'`{p}`' for p in parents['run_id'])}",
-        "",
-        "## Reference figures",
-        "",
-        _md(pd.DataFrame([{**r, "spread": _fmt(r["spread"]) if r["spread"] else "–"} for r in REFERENCES])),
-        "",
-    ]  # fmt: skip
+        "## Provenance", "",
+        f"- tracking store: `{st.uri}`, experiment `{st.experiment}`, study `{st.study}`",
+        f"- data: `{first.get('data.source')}` {('`' + str(first.get('data.path')) + '`') if first.get('data.path') else '(embedded)'}, "
+        f"validation fraction {first.get('data.val_fraction')}, split seed {first.get('data.split_seed')}",
+        f"- seeds: {', '.join(map(str, sorted(set(runs['seed']))))} (shared across variants, so comparisons pair up)",
+        f"- runs: {len(everything)} recorded, {len(runs)} pooled, {len(everything) - len(runs)} not pooled (listed at the end)",
+        f"- code: {', '.join(f'`{c}`' for c in commits)} ({provenance}); hardware: {', '.join(sorted(set(everything['device'])))}",
+        f"- study parent runs: {', '.join(f'`{p}`' for p in parents['run_id'])}", "",
+        "## Reference figures", "",
+        _md(pd.DataFrame([{**r, "spread": _fmt(r["spread"]) if r["spread"] else "–"} for r in REFERENCES])), "",
+        *_paper_equivalence(st), ]  # fmt: skip
 
 
-def _tables(st: Study) -> list[str]:
-    window, window_used = st.window, sorted(set(st.table["window"]))
-    lines = [
-        "## Per variant",
-        "",
-        f"Validation bits/dim (eval mode, whole validation split) averaged over each run's last {window} "
-        f"epochs — the seed report's statistic — then mean ± std and a 95% bootstrap CI across seeds. "
-        f"Window actually used: {', '.join(window_used)} epoch(s)"
-        + (" (the runs are shorter than the window)." if any(int(w.split("/")[-1]) < window for w in window_used if w) else ".")
-        + " Test bits/dim: final model, whole test split, eval mode. Diverged runs are counted, not averaged in.",
-        "",
-        _md(_variant_rows(st.table)),
-        "",
-    ]  # fmt: skip
-    if st.has_effects:
-        lines += [
-            f"## Effect of each change against `{BASELINE}`",
-            "",
-            "Paired over shared seeds: test bits/dim of the variant minus that of `seed-report` with the same "
-            "seed; positive means the change made the model worse. CI: bootstrap over pairs; p: paired t-test. "
-            "With 3 seeds the intervals are coarse; an interval that includes 0 means *no detectable effect at "
-            "this scale*, not *no effect*.",
-            "",
-            _md(_effect_rows(st.effects)),
-            "",
-            "![effects](figures/effects.png)",
-            "",
-        ]
-    return lines
+def _images(first: pd.Series) -> str:
+    limit = int(first.get("data.train_limit", 0) or 0)
+    return f"the first {limit} training images" if limit else "all training images of the source"
+
+
+def _paper_equivalence(st: Study) -> list[str]:
+    """TOST against the paper's 3.49, at the paper's scale only."""
+    if st.runs.iloc[0].get("preset") != "paper":
+        return []
+    rows = []
+    for variant, r in st.runs.groupby("variant", sort=True):
+        t = tost(r["test_bpd"], PAPER_BPD, TOST_MARGIN)
+        rows.append({"variant": variant, "n": t["n"], "90% t interval": _ci(t["ci90_lo"], t["ci90_hi"]),
+                     "TOST p": _p(t["p"]), "equivalent to 3.49 ± " + f"{TOST_MARGIN}": "yes" if t["p"] < 0.05 else "no"})  # fmt: skip
+    return ["## Against the paper (equivalence)", "",
+            f"Two one-sided t-tests of test bits/dim against {PAPER_BPD} with a margin of ±{TOST_MARGIN} stated before "
+            "looking: equivalent when the 90% interval lies inside the margin.", "", _md(pd.DataFrame(rows)), ""]  # fmt: skip
+
+
+def _counted(st: Study) -> list[str]:
+    f = st.fails
+    shown = f.assign(first_nonfinite_epoch=f["first_nonfinite_epoch"].map(lambda v: "–" if v is None or pd.isna(v) else int(v)))
+    return ["## Every run counted", "",
+            "Per variant: how each run ended. *non-finite val*: a NaN or infinite validation epoch; *all-NaN val*: not one "
+            "finite validation epoch; *infinite*: an infinite validation or test value; *non-finite test*: a finished run "
+            "without a finite test value; *unfinished*: still running or crashed. Means below are over finished runs only.",
+            "", _md(shown.rename(columns={"nonfinite_val": "non-finite val", "all_nan_val": "all-NaN val",
+                                          "nonfinite_test": "non-finite test", "first_nonfinite_epoch": "first non-finite epoch"})),
+            ""]  # fmt: skip
+
+
+def _variants(st: Study) -> list[str]:
+    t = st.table
+    label = ", ".join(sorted(set(w for w in t["window"] if w))) or window_label(0, 0, st.window)
+    rows = pd.DataFrame({
+        "variant": t["variant"],
+        "finished / runs": [f"{a}/{b}" for a, b in zip(t["finished"], t["runs"], strict=True)],
+        f"val bpd, {label}": [f"{_fmt(m)} ± {_fmt(s)} {_ci(lo, hi)} n={n}" for m, s, lo, hi, n in
+                              zip(t["val_mean"], t["val_std"], t["val_ci_lo"], t["val_ci_hi"], t["val_n"], strict=True)],
+        "val bpd, final epoch": [f"{_fmt(m)} ± {_fmt(s)} n={n}" for m, s, n in zip(t["final_mean"], t["final_std"], t["final_n"], strict=True)],
+        "within-run std": t["val_std_within"].map(_fmt),
+        "test bpd": [f"{_fmt(m)} ± {_fmt(s)} {_ci(lo, hi)} n={n}" for m, s, lo, hi, n in
+                     zip(t["test_mean"], t["test_std"], t["test_ci_lo"], t["test_ci_hi"], t["test_n"], strict=True)],
+        "img/s": t["images_per_s"].map(lambda v: _fmt(v, 0)),
+    })  # fmt: skip
+    return ["## Per variant", "",
+            f"Validation bits/dim (eval mode, fp32, whole validation split) averaged over each run's {label} — the seed "
+            f"report's statistic is the last 40 of 100 epochs, which these runs are too short for — and the final epoch's "
+            f"value; test bits/dim of the final model, whole test split. Each cell: {METHOD}; finished runs only.",
+            "", _md(rows), ""]  # fmt: skip
+
+
+def _families(st: Study) -> list[str]:
+    from experiments.studies import families
+
+    c = st.comparisons
+    if c.empty:
+        return []
+    lines = ["## What acted, and each family's answer", "",
+             "Each member against its comparator, paired over seeds: test bits/dim of the variant minus the comparator's "
+             "(positive = worse), 95% Student-t interval of the mean difference, paired t p, and Holm's step-down "
+             "adjustment within the family (family-wise error 5%). *acted* comes from the activity metrics and from "
+             "bit-identical results alone (a switch that never acted reads *did not act*, never *no effect*). *could see*: "
+             "the smallest mean difference detectable with 80% power at this n and spread.", ""]  # fmt: skip
+    for fam in families(st.study):
+        rows = c[c["family"] == fam.name]
+        if rows.empty:
+            continue
+        table = pd.DataFrame({
+            "variant": rows["variant"], "vs": rows["against"], "switches": rows["switches"],
+            "acted": [("yes" if a else "**no**") + f": {w}" for a, w in zip(rows["acted"], rows["why"], strict=True)],
+            "pairs": rows["n_pairs"],
+            "Δ test bpd [95% t]": [f"{m:+.3f} {_ci(lo, hi, sign=True)}" if math.isfinite(m) else "–"
+                                   for m, lo, hi in zip(rows["mean_diff"], rows["ci_lo"], rows["ci_hi"], strict=True)],
+            "p": rows["p_value"].map(_p), "Holm p": rows["p_holm"].map(_p), "could see": rows["mde"].map(_fmt),
+            "diverged (v/c)": [f"{a}/{b} · {c_}/{d}" for a, b, c_, d in zip(rows["variant_diverged"], rows["variant_runs"],
+                                                                            rows["comparator_diverged"], rows["comparator_runs"], strict=True)],
+            "verdict": rows["verdict"],
+        })  # fmt: skip
+        lines += [f"### {fam.name}: {fam.question}", "", _md(table), ""]
+    return lines + ["![effects per family](figures/effects.png)", ""]
+
+
+def _factorial(st: Study) -> list[str]:
+    if st.factorial is None:
+        return []
+    from analysis.factorial import sentences
+    from experiments.factorial import FACTORS
+
+    fails, fit, data = st.factorial
+    design = data.groupby("variant", sort=True).agg(runs=("run_id", "size"), failed=("failed", "sum"),
+                                                    test=("test_bpd", "mean")).reset_index()  # fmt: skip
+    lines = ["## Factorial: every main effect and two-factor interaction", "",
+             "Factors (-1 / +1): " + "; ".join(f"`{f.name}`: {f.label}" for f in FACTORS) + ".", "",
+             _md(design.assign(test=design["test"].map(_fmt)).rename(columns={"test": "mean test bpd (finished)"})), "",
+             "### Failing to train", "",
+             "Per factor, runs that failed (diverged or no finite test value) at each level; two-sided Fisher exact test, "
+             "Holm-adjusted over the factors.", "",
+             _md(fails.assign(**{"rate difference": fails["rate difference"].map(lambda v: f"{v:+.2f}"),
+                                 "p": fails["p"].map(_p), "p_holm": fails["p_holm"].map(_p)})), "",
+             "### Bits/dim among runs that trained", ""]  # fmt: skip
+    if not fit.estimable:
+        return lines + [f"Not estimable: {fit.why}.", ""]
+    e = fit.effects
+    table = pd.DataFrame({"term": e["term"], "kind": e["kind"], "effect (high - low)": e["effect"].map(lambda v: f"{v:+.3f}"),
+                          "95% t": [_ci(a, b, sign=True) for a, b in zip(e["ci_lo"], e["ci_hi"], strict=True)],
+                          "p": e["p"].map(_p), "Holm p": e["p_holm"].map(_p)})  # fmt: skip
+    return lines + [f"OLS of test bits/dim on the factors coded -1/+1, all two-factor interactions and seed as a block, over "
+                    f"the {fit.n} runs that trained ({fit.df_resid} residual degrees of freedom); Holm over all "
+                    f"{len(e)} terms. Conditioned on training: read it beside the failure table.", "", _md(table), "",
+                    "![half-normal plot](figures/half_normal.png)", "", "![interactions](figures/interactions.png)", "",
+                    "What the factorial supports:", "", *sentences(fit, fails), ""]  # fmt: skip
 
 
 def _figure_sections(fig_dir: Path) -> list[str]:
-    lines = ["## Learning curves", "", "![learning curves](figures/learning_curves.png)", "",
+    lines = ["## Learning curves", "", "Off-scale variants (a non-finite value, or worse than the uniform density's "
+             "8 bits/dim) are drawn in their own row.", "", "![learning curves](figures/learning_curves.png)", "",
              "## Gradient norms", "",
              "Global gradient norm before clipping (the clip threshold is 100 where clipping is on).", "",
              "![gradient norms](figures/gradient_norms.png)", ""]  # fmt: skip
@@ -256,31 +299,40 @@ def _figure_sections(fig_dir: Path) -> list[str]:
     return lines
 
 
+def _diagnosis_section(st: Study) -> list[str]:
+    table, source = st.diagnosis
+    if table is None:
+        return ["## Diagnosis of `paper-literal-exp`", "", f"Not made: {source}.", ""] if "no run" not in source else []
+    cols = [c for c in table.columns if not c.startswith("se ")]
+    shown = table[cols].copy()
+    for c in cols[3:]:
+        se = table.get("se " + c[4:]) if c.startswith("val ") else None
+        shown[c] = [f"{_fmt(v)} ± {_fmt(s)}" if se is not None else _fmt(v) for v, s in
+                    zip(table[c], se if se is not None else table[c], strict=True)]  # fmt: skip
+    return ["## Diagnosis of `paper-literal-exp`", "",
+            f"{source}: the same checkpoint in eval mode (running batch-norm statistics), in train mode (each batch's "
+            "own statistics) and in eval mode after re-estimating the running statistics from training batches "
+            "(`run_study.py evaluate --mode train` / `--bn-recalibrate N` compute the same). ± is the standard error over "
+            "images.", "", _md(shown), ""]  # fmt: skip
+
+
 def _audit_section(st: Study) -> list[str]:
     lines = ["## Accounting audit", ""]
-    if st.audit_table is None:
-        return lines + [f"Audit {st.audit_source}.", ""]
-    table = st.audit_table
-    shown = table.assign(**{"bits/dim": table["bits/dim"].map(_fmt), "shift": table["shift"].map(lambda v: f"{v:+.3f}")})
-    return lines + [
-        f"One trained model ({st.audit_source}) evaluated on its validation split under each accounting that "
-        "public Real NVP code has used. The shift is what such a bug adds to a reported figure.",
-        "",
-        _md(shown),
-        "",
-    ]
+    if not st.audits:
+        return lines + ["Not run (no finished run of `seed-report` or `paper`, or --no-audit).", ""]
+    for source, table in st.audits:
+        if table is None:
+            lines += [f"Audit of {source}.", ""]
+            continue
+        shown = table.assign(**{"bits/dim": table["bits/dim"].map(_fmt), "shift": table["shift"].map(lambda v: f"{v:+.3f}")})
+        lines += [f"One trained model ({source}) evaluated on its validation split under each accounting that public "
+                  "Real NVP code has used. The shift is what such a bug adds to a reported figure.", "", _md(shown), ""]  # fmt: skip
+    return lines
 
 
 def _lr_section(lr_trials: pd.DataFrame) -> list[str]:
     if not len(lr_trials):
         return []
-    lines = [
-        "## Learning-rate search",
-        "",
-        "Optuna searches (objective: validation bits/dim in eval mode, never the test split). Best "
-        "completed trial per variant; pruned trials stopped early at the median pruner's decision.",
-        "",
-    ]
     best = []
     for (search, variant), t in lr_trials.groupby(["search", "variant"], sort=True):
         done = t[t["outcome"] == "completed"]
@@ -290,37 +342,43 @@ def _lr_section(lr_trials: pd.DataFrame) -> list[str]:
                      "best lr": f"{top['lr']:.3g}" if top is not None else "–",
                      "best val bpd": _fmt(top["val_bpd"]) if top is not None else "–",
                      "epochs": int(t["epochs"].max()), "search": f"`{search}`"})  # fmt: skip
-    return lines + [_md(pd.DataFrame(best)), "", "![learning-rate search](figures/lr_search.png)", ""]
+    return ["## Learning-rate search", "",
+            "Optuna searches (objective: validation bits/dim in eval mode, never the test split). Best completed trial "
+            "per variant; pruned trials stopped early at the pruner's decision.", "",
+            _md(pd.DataFrame(best)), "", "![learning-rate search](figures/lr_search.png)", ""]  # fmt: skip
+
+
+def findings(st: Study) -> list[str]:
+    """The findings block (between markers, so the project README can quote it verbatim)."""
+    lines = [FINDINGS_START]
+    if len(st.comparisons):
+        for fam, rows in st.comparisons.groupby("family", sort=False):
+            lines += [f"**{fam}**", "", *[sentence(r) for _, r in rows.iterrows()], ""]
+    if st.factorial is not None:
+        from analysis.factorial import sentences
+
+        lines += ["**factorial**", "", *sentences(st.factorial[1], st.factorial[0]), ""]
+    return lines + [FINDINGS_END]
 
 
 def _closing(st: Study) -> list[str]:
-    runs = st.runs
-    lines = ["## What these runs support", "", *_conclusions(st.effects, st.table), ""] if st.has_effects else []
-    return lines + [
-        "## What these runs cannot say",
-        "",
-        "- Anything about the paper's scale: the model, the data and the training here are reduced; stabilizers "
-        "that only matter late in a 100-epoch run of a 19 M-parameter model, or only in fp16 on a GPU, cannot "
-        "show up here.",
-        "- Whether 3.47 or 3.49 is reproducible: no run here is comparable with those figures.",
-        "- Small effects: with a handful of seeds an interval narrower than the seed-to-seed spread is not available.",
-        "",
-        "## Runs",
-        "",
-        _md(runs[["variant", "seed", "outcome", "epochs", "run_id"]].assign(
-            test_bpd=runs["test_bpd"].map(_fmt), val_bpd=runs["val_bpd"].map(_fmt))),
-        "",
-    ]  # fmt: skip
-
-
-def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] | None, run_audit: bool,
-                  lr_experiment: str | None) -> Study:  # fmt: skip
-    runs, history, parents = collect_runs(uri, experiment)
-    table = variant_table(runs, history, window)
-    effects = paired_effects(runs, "test_bpd", BASELINE) if BASELINE in set(runs["variant"]) else pd.DataFrame()
-    audit_table, audit_source = _audit(runs, uri, data) if run_audit else (None, "not run (--no-audit)")
-    lr_trials = collect_lr_search(uri, lr_experiment or f"lr-search-{runs.iloc[0].get('preset')}")
-    return Study(uri, experiment, window, runs, history, parents, table, effects, lr_trials, audit_table, audit_source)
+    everything = st.all_runs
+    out = everything[everything["excluded"] != ""]
+    lines = ["## What these runs support", "", "Each sentence comes from a Holm-corrected test or from the activity "
+             "diagnostics; nothing the design confounds is credited to one switch.", "", *findings(st), "",
+             "## What these runs cannot say", "",
+             "- Anything about the paper's scale: the model, the data and the training here are reduced; stabilizers "
+             "that only matter late in a 100-epoch run of a 19 M-parameter model cannot show up here.",
+             "- Whether 3.47 or 3.49 is reproducible: no run here is comparable with those figures.",
+             "- Effects smaller than each comparison's *could see* column: with 3 seeds they are not detectable.", "",
+             "## Runs", "",
+             _md(st.runs[["variant", "seed", "outcome", "epochs", "run_id"]].assign(
+                 test_bpd=st.runs["test_bpd"].map(_fmt), val_bpd=st.runs["val_bpd"].map(_fmt))), ""]  # fmt: skip
+    if len(out):
+        lines += ["Not pooled (a run whose configuration disagrees with its variant, an unknown variant, or a duplicate "
+                  "cell is reported here, never averaged in):", "",
+                  _md(out[["variant", "seed", "outcome", "run_id", "excluded"]]), ""]  # fmt: skip
+    return lines
 
 
 def generate_report(
@@ -345,8 +403,9 @@ def generate_report(
     st = collect_study(uri, experiment, window, data, run_audit, lr_experiment)
     fig_dir = out / "figures"
     _figures(st, fig_dir)
-    lines = [*_header(st, command), *_tables(st), *_figure_sections(fig_dir), *_audit_section(st),
-             *_lr_section(st.lr_trials), *_closing(st)]  # fmt: skip
+    lines = [*_header(st, command), *_counted(st), *_variants(st), *_families(st), *_factorial(st),
+             *_figure_sections(fig_dir), *_diagnosis_section(st), *_audit_section(st), *_lr_section(st.lr_trials),
+             *_closing(st)]  # fmt: skip
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     if log_to_parent and len(st.parents):

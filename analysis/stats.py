@@ -1,8 +1,14 @@
-"""Statistics of the study as small pure functions over pandas frames and numpy arrays.
+"""Statistics of the study as small pure functions over pandas frames and numpy arrays, honest at the
+few seeds a study affords (../shared/design/STATISTICS.md).
 
-Shapes are stated in each docstring. Across-seed intervals are percentile bootstraps (rliable
-style); with 3 seeds they are wide and coarse, which is the honest answer, and the tables always
-say how many runs each number stands on.
+- Intervals are Student t on per-seed values or on paired differences: at n = 3 a percentile
+  bootstrap is [min, max], which covers the mean about 75% of the time, not 95%. The coverage of
+  these intervals is checked by simulation (tests/test_statistics.py).
+- Comparisons within a family are corrected for multiplicity with Holm's step-down procedure
+  (family-wise error rate, any dependence).
+- Every run is counted: a mean over finished runs says so, and failures are tabled by kind.
+
+Shapes are stated in each docstring.
 """
 
 from __future__ import annotations
@@ -12,124 +18,226 @@ import math
 import numpy as np
 import pandas as pd
 
-N_BOOT = 10_000
+CONF = 0.95
+ALPHA = 0.05
 
 
-def bootstrap_ci(values, alpha: float = 0.05, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``values`` (n,). NaN for n < 2 (no interval exists)."""
+def finite(values) -> np.ndarray:
+    """The finite entries of ``values`` (n,) as float."""
     x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
+    return x[np.isfinite(x)]
+
+
+def t_interval(values, conf: float = CONF) -> tuple[float, float]:
+    """Student-t interval for the mean of ``values`` (n,): mean +- t(1 - a/2, n - 1) s / sqrt(n).
+    NaN for n < 2 (no interval exists); a zero-width interval when every value is equal."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
     if len(x) < 2:
         return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+    half = stats.t.ppf(0.5 + conf / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean() - half), float(x.mean() + half)
+
+
+def summarize(values) -> dict[str, float]:
+    """mean, std (ddof=1), 95% t interval and n of the finite entries of ``values`` (n,)."""
+    x = finite(values)
+    lo, hi = t_interval(x)
+    return {"mean": float(x.mean()) if len(x) else math.nan, "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+            "ci_lo": lo, "ci_hi": hi, "n": len(x)}  # fmt: skip
+
+
+def paired_t_pvalue(diffs) -> float:
+    """Two-sided paired t-test p-value for differences (n,); NaN when n < 2; 1.0 when all are zero
+    (no evidence of a difference) and 0.0 when they are equal and non-zero (no spread to test)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return math.nan
+    if np.all(d == d[0]):
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_1samp(d, 0.0).pvalue)
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values for ``pvalues`` (m,), NaN entries left NaN and not counted:
+    the i-th smallest of m is m - i + 1 times itself, made monotone, capped at 1. Reject where the
+    adjusted value is <= alpha."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(len(p), math.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for i, idx in enumerate(order):
+        running = max(running, (m - i) * p[idx])
+        out[idx] = min(1.0, running)
+    return out
+
+
+def min_detectable_effect(n: int, sd: float, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Smallest mean paired difference a two-sided t-test on ``n`` pairs with spread ``sd`` detects with
+    ``power`` (statsmodels TTestPower): what "no detectable effect" means at this n."""
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    from statsmodels.stats.power import TTestPower
+
+    d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power, alternative="two-sided")
+    return float(d * sd)
+
+
+def tost(values, target: float, margin: float) -> dict[str, float]:
+    """Equivalence of the mean of ``values`` (n,) with ``target`` within +-``margin`` (two one-sided
+    t-tests): p is the larger one-sided p-value; equivalent when p < 0.05, i.e. the 90% t interval
+    lies inside [target - margin, target + margin]."""
+    from scipy import stats
+
+    x = finite(values)
+    if len(x) < 2:
+        return {"p": math.nan, "ci90_lo": math.nan, "ci90_hi": math.nan, "n": len(x)}
+    se = x.std(ddof=1) / math.sqrt(len(x))
+    df = len(x) - 1
+    if se == 0:
+        p = 0.0 if abs(x.mean() - target) < margin else 1.0
+    else:
+        p_low = stats.t.sf((x.mean() - (target - margin)) / se, df)  # H0: mean <= target - margin
+        p_high = stats.t.cdf((x.mean() - (target + margin)) / se, df)  # H0: mean >= target + margin
+        p = float(max(p_low, p_high))
+    lo, hi = t_interval(x, 0.90)
+    return {"p": p, "ci90_lo": lo, "ci90_hi": hi, "n": len(x)}
 
 
 def last_window(history: pd.DataFrame, metric: str = "val_bpd", window: int = 40) -> pd.DataFrame:
-    """Per run, mean and std of ``metric`` over its last ``window`` epochs (the seed report's statistic).
+    """Per run, the seed report's statistic: mean and std of ``metric`` over the run's last
+    ``window`` epochs, and the final epoch's value.
 
     history: one row per (run_id, epoch) with a ``metric`` column.
-    Returns one row per run_id: window_mean, window_std (ddof=0 over epochs), window_used (epochs
-    actually averaged: fewer than ``window`` when the run is shorter, never silently), last_epoch.
+    Returns one row per run_id: window_mean, window_std (ddof=0 over epochs), window_used (K: epochs
+    averaged, fewer than ``window`` when the run is shorter), epochs (N: the run's last epoch), final
+    (the value at epoch N), nonfinite (epochs whose value is NaN or infinite). A non-finite value in
+    the window makes the window mean non-finite: it is counted, never dropped.
     """
     rows = []
-    for run_id, h in history.dropna(subset=[metric]).sort_values("epoch").groupby("run_id", sort=True):
-        tail = h[metric].to_numpy()[-window:]
+    for run_id, h in history.dropna(subset=[metric], how="all").sort_values("epoch").groupby("run_id", sort=True):
+        values = h[metric].to_numpy(dtype=float)
+        tail = values[-window:]
         rows.append({
             "run_id": run_id,
             "window_mean": float(tail.mean()),
             "window_std": float(tail.std(ddof=0)),
             "window_used": len(tail),
-            "last_epoch": int(h["epoch"].max()),
+            "epochs": int(h["epoch"].max()),
+            "final": float(values[-1]),
+            "nonfinite": int((~np.isfinite(values)).sum()),
         })  # fmt: skip
-    return pd.DataFrame(rows, columns=["run_id", "window_mean", "window_std", "window_used", "last_epoch"])
+    return pd.DataFrame(rows, columns=["run_id", "window_mean", "window_std", "window_used", "epochs", "final",
+                                       "nonfinite"])  # fmt: skip
 
 
-def across_seeds(values) -> dict[str, float]:
-    """mean, std (ddof=1), 95% bootstrap CI and n of finite ``values`` (n,)."""
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    lo, hi = bootstrap_ci(x)
-    return {
-        "mean": float(x.mean()) if len(x) else math.nan,
-        "std": float(x.std(ddof=1)) if len(x) > 1 else math.nan,
-        "ci_lo": lo,
-        "ci_hi": hi,
-        "n": len(x),
-    }
+def window_label(used: int, epochs: int, window: int) -> str:
+    """What the window statistic is: "last 40 epochs" only when the runs are long enough for it."""
+    return f"last {window} epochs" if used == window else f"last {used} of {epochs} epochs"
 
 
-def paired_t_pvalue(diffs) -> float:
-    """Two-sided paired t-test p-value for differences (n,); NaN when n < 2 or all equal."""
-    from scipy import stats
+def failures(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """Every way a run can fail, counted per variant; no run is left out.
 
-    d = np.asarray(diffs, dtype=float)
-    if len(d) < 2 or np.allclose(d, d[0]):
-        return math.nan
-    return float(stats.ttest_1samp(d, 0.0).pvalue)
-
-
-def paired_effects(per_run: pd.DataFrame, value: str, baseline: str = "seed-report") -> pd.DataFrame:
-    """Effect of each variant against ``baseline`` on shared seeds.
-
-    per_run: one row per run with columns variant, seed, outcome and ``value``.
-    Returns one row per variant (baseline excluded): n_pairs (seeds where both runs finished with a
-    finite value), mean_diff (variant - baseline; positive = worse bits/dim), ci_lo, ci_hi (bootstrap
-    over pairs), p_value (paired t-test), diverged (runs of the variant that diverged, "k/n"). A
-    diverged run is excluded from the pairs and counted, never averaged in.
+    runs: one row per run (run_id, variant, outcome, test_bpd, first_nonfinite_epoch).
+    history: one row per (run_id, epoch) with val_bpd.
+    Returns one row per variant: runs, completed, recovered, diverged, skipped, nonfinite_val (runs with
+    a NaN or infinite validation epoch), all_nan_val (no finite validation epoch at all), infinite
+    (runs with an infinite validation or test value), nonfinite_test (finished runs without a finite
+    test value), first_nonfinite_epoch (the earliest over runs).
     """
-    base = per_run[per_run["variant"] == baseline].set_index("seed")
+    val = history.groupby("run_id")["val_bpd"].agg(list).to_dict() if len(history) else {}
     rows = []
-    for variant, runs in per_run[per_run["variant"] != baseline].groupby("variant", sort=True):
-        runs = runs.set_index("seed")
-        shared = sorted(set(runs.index) & set(base.index))
-        ok = [
-            s for s in shared
-            if runs.loc[s, "outcome"] != "diverged" and base.loc[s, "outcome"] != "diverged"
-            and math.isfinite(runs.loc[s, value]) and math.isfinite(base.loc[s, value])
-        ]  # fmt: skip
-        diffs = np.array([runs.loc[s, value] - base.loc[s, value] for s in ok], dtype=float)
-        lo, hi = bootstrap_ci(diffs)
+    for variant, r in runs.groupby("variant", sort=True):
+        outcomes = r["outcome"]
+        vals = [np.asarray(val.get(i, []), dtype=float) for i in r["run_id"]]
+        finished = r[outcomes.isin(["completed", "recovered"])]
+        first = pd.to_numeric(r["first_nonfinite_epoch"], errors="coerce").dropna()
+        test = r["test_bpd"].to_numpy(dtype=float)
         rows.append({
             "variant": variant,
-            "n_pairs": len(ok),
-            "mean_diff": float(diffs.mean()) if len(diffs) else math.nan,
-            "ci_lo": lo,
-            "ci_hi": hi,
-            "p_value": paired_t_pvalue(diffs),
-            "diverged": f"{int((runs['outcome'] == 'diverged').sum())}/{len(runs)}",
+            "runs": len(r),
+            "completed": int((outcomes == "completed").sum()),
+            "recovered": int((outcomes == "recovered").sum()),
+            "diverged": int((outcomes == "diverged").sum()),
+            "skipped": int((outcomes == "skipped").sum()),
+            "unfinished": int((~outcomes.isin(["completed", "recovered", "diverged", "skipped"])).sum()),
+            "nonfinite_val": sum(bool(len(v)) and bool((~np.isfinite(v)).any()) for v in vals),
+            "all_nan_val": sum(not np.isfinite(v).any() for v, o in zip(vals, outcomes, strict=True) if o != "skipped"),
+            "infinite": sum(bool(np.isinf(v).any()) or bool(np.isinf(t)) for v, t in zip(vals, test, strict=True)),
+            "nonfinite_test": int((~np.isfinite(finished["test_bpd"].to_numpy(dtype=float))).sum()),
+            "first_nonfinite_epoch": int(first.min()) if len(first) else None,
         })  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def variant_table(runs: pd.DataFrame, history: pd.DataFrame, window: int = 40) -> pd.DataFrame:
-    """One row per variant: divergence, the last-window validation statistic across seeds, final
-    test bits/dim across seeds, and speed.
+def paired_effect(per_run: pd.DataFrame, value: str, variant: str, against: str) -> dict:
+    """``variant`` minus ``against`` on ``value`` over the seeds both finished with a finite value.
 
-    runs: one row per run (run_id, variant, seed, outcome, test_bpd, first_nonfinite_epoch, images_per_s).
+    per_run: one row per run with columns variant, seed, outcome and ``value``.
+    Returns n_pairs, mean_diff (positive = the variant is worse in bits/dim), sd_diff, ci_lo, ci_hi (95%
+    t interval of the mean difference), p_value (paired t), mde (smallest effect detectable with 80%
+    power at this n and spread), identical (every pair exactly equal: the change did not act),
+    excluded (seeds left out because a run did not finish with a finite value).
+    """
+    a = per_run[per_run["variant"] == variant].set_index("seed")
+    b = per_run[per_run["variant"] == against].set_index("seed")
+    shared = sorted(set(a.index) & set(b.index))
+    ok = [s for s in shared if a.loc[s, "outcome"] in ("completed", "recovered") and b.loc[s, "outcome"] in
+          ("completed", "recovered") and math.isfinite(a.loc[s, value]) and math.isfinite(b.loc[s, value])]  # fmt: skip
+    diffs = np.array([a.loc[s, value] - b.loc[s, value] for s in ok], dtype=float)
+    lo, hi = t_interval(diffs)
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else math.nan
+    return {
+        "n_pairs": len(ok),
+        "mean_diff": float(diffs.mean()) if len(diffs) else math.nan,
+        "sd_diff": sd,
+        "ci_lo": lo,
+        "ci_hi": hi,
+        "p_value": paired_t_pvalue(diffs),
+        "mde": min_detectable_effect(len(diffs), sd),
+        "identical": bool(len(diffs)) and bool(np.all(diffs == 0.0)),
+        "excluded": len(shared) - len(ok),
+    }
+
+
+def paired_effects(per_run: pd.DataFrame, value: str, baseline: str = "seed-report") -> pd.DataFrame:
+    """:func:`paired_effect` of every other variant against ``baseline``, one row per variant."""
+    others = sorted(set(per_run["variant"]) - {baseline})
+    rows = [{"variant": v, "against": baseline, **paired_effect(per_run, value, v, baseline)} for v in others]
+    return pd.DataFrame(rows)
+
+
+def variant_table(runs: pd.DataFrame, history: pd.DataFrame, window: int = 40) -> pd.DataFrame:
+    """One row per variant: the last-window validation statistic, the final-epoch validation and the
+    final test bits/dim across seeds (mean, std, 95% t interval, n: finished runs only), and speed.
+
+    runs: one row per run (run_id, variant, seed, outcome, test_bpd, images_per_s).
     history: one row per (run_id, epoch) with val_bpd.
     """
     win = last_window(history, "val_bpd", window).set_index("run_id")
     rows = []
     for variant, r in runs.groupby("variant", sort=True):
-        ids = [i for i in r["run_id"] if i in win.index]
-        finished = r[r["outcome"] != "diverged"]
-        val = across_seeds(win.loc[[i for i in ids if i in set(finished["run_id"])], "window_mean"])
-        test = across_seeds(finished["test_bpd"])
-        first_bad = pd.to_numeric(r["first_nonfinite_epoch"], errors="coerce").dropna()
+        finished = r[r["outcome"].isin(["completed", "recovered"])]
+        ids = [i for i in finished["run_id"] if i in win.index]
+        val = summarize(win.loc[ids, "window_mean"]) if ids else summarize([])
+        final = summarize(win.loc[ids, "final"]) if ids else summarize([])
+        test = summarize(finished["test_bpd"])
         used = sorted(set(win.loc[ids, "window_used"])) if ids else []
+        epochs = sorted(set(win.loc[ids, "epochs"])) if ids else []
         rows.append({
             "variant": variant,
             "runs": len(r),
-            "diverged": int((r["outcome"] == "diverged").sum()),
-            "recovered": int((r["outcome"] == "recovered").sum()),
-            "first_nonfinite_epoch": int(first_bad.min()) if len(first_bad) else None,
-            "window": "/".join(map(str, used)),
-            "val_mean": val["mean"], "val_std_seeds": val["std"], "val_ci_lo": val["ci_lo"], "val_ci_hi": val["ci_hi"],
+            "finished": len(finished),
+            "window": "/".join(window_label(u, max(epochs), window) for u in used) if used else "",
+            **{f"val_{k}": v for k, v in val.items()},
+            **{f"final_{k}": v for k, v in final.items()},
+            **{f"test_{k}": v for k, v in test.items()},
             "val_std_within": float(win.loc[ids, "window_std"].mean()) if ids else math.nan,
-            "test_mean": test["mean"], "test_std": test["std"], "test_ci_lo": test["ci_lo"], "test_ci_hi": test["ci_hi"],
             "images_per_s": float(r["images_per_s"].mean()),
         })  # fmt: skip
     return pd.DataFrame(rows)

@@ -68,19 +68,22 @@ S_CLAMP_FRACTION = "s_clamp_fraction"  # log-scales beyond the clamp of s
 SCALE_BOUND_FRACTION = "scale_bound_fraction"  # tanh saturated (>0.99) or softplus scale at its floor
 BN_MEAN_GAP = "bn_mean_gap"  # bijector: |batch mean - running mean| in running std, mean over layers
 BN_LOGVAR_GAP = "bn_logvar_gap"  # bijector: |log batch var - log running var|
+# |softplus form - log form| of the logit log-det, nats per dimension, mean over training inputs: the
+# two ways of writing it are one function, so this is float rounding unless an input breaks one form
+LOGIT_FORM_GAP = "logit_form_gap"
 BEST_VAL_BPD, BEST_LR = "best_val_bpd", "best_lr"
 
 # the per-epoch curves analysis reads back (analysis/collect.py)
 HISTORY_METRICS = (
     TRAIN_BPD, VAL_BPD, LR, GRAD_NORM_MEAN, GRAD_NORM_MEDIAN, GRAD_NORM_MAX, CLIP_FRACTION, NONFINITE_EVENTS,
     SKIPPED_STEPS, GRAD_SCALE, IMAGES_PER_S, EPOCH_SECONDS, AMP_ON, CLIP_RATIO_MEDIAN, L2_PENALTY,
-    INPUT_CLAMP_FRACTION, S_CLAMP_FRACTION, SCALE_BOUND_FRACTION, BN_MEAN_GAP, BN_LOGVAR_GAP,
+    INPUT_CLAMP_FRACTION, S_CLAMP_FRACTION, SCALE_BOUND_FRACTION, BN_MEAN_GAP, BN_LOGVAR_GAP, LOGIT_FORM_GAP,
 )  # fmt: skip
 
 # The flow's activity counters (study.flows.activity kinds) -> their metric names
 FLOW_ACTIVITY = {
     "input_clamp": INPUT_CLAMP_FRACTION, "s_clamp": S_CLAMP_FRACTION, "scale_bound": SCALE_BOUND_FRACTION,
-    "bn_mean_gap": BN_MEAN_GAP, "bn_logvar_gap": BN_LOGVAR_GAP,
+    "bn_mean_gap": BN_MEAN_GAP, "bn_logvar_gap": BN_LOGVAR_GAP, "logit_form_gap": LOGIT_FORM_GAP,
 }  # fmt: skip
 
 # Which metric says a switch acted (> 0 in some epoch of the arm where it is on). Switches not listed
@@ -93,7 +96,11 @@ SWITCH_ACTIVITY = {
     "stabilizers.s_clamp_kind": S_CLAMP_FRACTION,
     "stabilizers.l2": L2_PENALTY,
     "stabilizers.amp": AMP_ON,
+    "stabilizers.logit_logdet": LOGIT_FORM_GAP,
 }
+# the level above which a switch counts as acting (0 unless its metric has a floor of float rounding:
+# float32 writes a log-det of a few nats per dimension to about 1e-6)
+SWITCH_THRESHOLD = {LOGIT_FORM_GAP: 1e-4}
 
 # --- artifacts -------------------------------------------------------------------------------------------
 SAMPLES_DIR = "samples"

@@ -31,7 +31,9 @@ def _counts(**options) -> dict[str, float]:
 
 
 def test_flow_activity_is_zero_with_every_switch_off():
-    assert _counts(scale_fn="exp") == OFF
+    counts = _counts(scale_fn="exp")
+    assert {k: v for k, v in counts.items() if k != "logit_form_gap"} == OFF
+    assert counts["logit_form_gap"] < 1e-6  # both spellings of the logit log-det agree to rounding
 
 
 @pytest.mark.parametrize(
@@ -49,7 +51,8 @@ def test_flow_activity_is_zero_with_every_switch_off():
 def test_each_flow_activity_counts_when_its_switch_binds(options, kind):
     counts = _counts(**options)
     assert 0.0 < counts[kind], (kind, counts)
-    assert all(v == 0.0 for k, v in counts.items() if k not in (kind, "bn_mean_gap", "bn_logvar_gap", "scale_bound"))
+    others = (kind, "bn_mean_gap", "bn_logvar_gap", "scale_bound", "logit_form_gap")
+    assert all(v == 0.0 for k, v in counts.items() if k not in others)
 
 
 def test_activity_is_not_counted_in_eval_mode_and_resets():
@@ -145,3 +148,22 @@ def test_every_study_variant_is_a_valid_config():
             assert v.rationale and apply_values(Config(), v.overrides)
     assert not any(v.needs_cuda for v in STABILIZERS)  # fp16 runs on every device now
     assert math.isfinite(len(get_study("factorial")))
+
+
+def test_logit_form_gap_measures_the_two_spellings_and_is_rounding_on_valid_inputs():
+    """The softplus and log spellings of the logit log-det are one function: on every valid input they
+    differ by float rounding only, which is why the no-softplus-logit reading cannot act."""
+    import torch.nn.functional as F
+
+    from study import schema
+    from study.flows.transforms import LogitTransform
+
+    logit = LogitTransform(0.05, "softplus").train()
+    x = torch.cat([torch.rand(4, 3, 8, 8), torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 255.999 / 256)])
+    logit(x)
+    counted = read_and_reset(logit)["logit_form_gap"]
+    p = 0.05 + 0.9 * x
+    y = torch.log(p) - torch.log1p(-p)
+    by_hand = ((-torch.log(p) - torch.log1p(-p)) - (F.softplus(y) + F.softplus(-y))).abs().mean().item()
+    assert counted == pytest.approx(by_hand, rel=1e-6, abs=1e-12)
+    assert counted < schema.SWITCH_THRESHOLD[schema.LOGIT_FORM_GAP] / 100

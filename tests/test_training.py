@@ -421,3 +421,27 @@ def test_run_records_its_description_source_and_variant_config(store, tmp_path):
     assert tags["mlflow.note.content"].startswith("no L2") and tags["mlflow.source.name"] == "run_study.py train"
     assert len(tags["mlflow.source.git.commit"]) == 40 or tags["git_commit"] == "unknown"
     assert "epoch" not in run.data.metrics  # the step is the epoch
+
+
+def test_evaluate_reproduces_the_logged_test_bpd_and_logs_what_it_measured(store, tmp_path):
+    from click.testing import CliRunner
+
+    import run_study
+
+    s = spec(store, tmp_path, **{"train.epochs": 1, "stabilizers.bn_bijector": True})
+    result = train(s)
+    base = ["evaluate", "--run", result.run_id, "--tracking-uri", store]
+    out = CliRunner().invoke(run_study.cli, base)
+    assert out.exit_code == 0, out.output
+    client = mlflow.MlflowClient(store)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["evaluate.own.test.eval"] == result.test_bpd  # the same computation, exactly
+    assert 0 < metrics["evaluate.own.test.eval.se"] < 0.5 and "standard error over" in out.stdout
+    train_mode = CliRunner().invoke(run_study.cli, [*base, "--mode", "train", "--split", "val"])
+    recal = CliRunner().invoke(run_study.cli, [*base, "--bn-recalibrate", "2", "--split", "val", "--no-log"])
+    assert train_mode.exit_code == 0 and recal.exit_code == 0, (train_mode.output, recal.output)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert "evaluate.own.val.train" in metrics and "evaluate.own.val.eval-recal2" not in metrics  # --no-log
+    assert metrics["evaluate.own.val.train"] != pytest.approx(history(client, result.run_id, "val_bpd")[0][1], abs=1e-6)
+    bad = CliRunner().invoke(run_study.cli, ["evaluate", "--run", "0" * 32, "--tracking-uri", store])
+    assert bad.exit_code == 2 and "no run" in bad.stderr

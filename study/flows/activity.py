@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 PREFIX = "_act_"
-KINDS = ("input_clamp", "s_clamp", "scale_bound", "bn_mean_gap", "bn_logvar_gap")
+KINDS = ("input_clamp", "s_clamp", "scale_bound", "bn_mean_gap", "bn_logvar_gap", "logit_form_gap")
 
 
 def add_counter(module: nn.Module, kind: str) -> None:

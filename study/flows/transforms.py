@@ -62,6 +62,7 @@ class LogitTransform(nn.Module):
         self.logdet_form = logdet_form
         self.clamp = clamp
         add_counter(self, "input_clamp")
+        add_counter(self, "logit_form_gap")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alpha
@@ -76,6 +77,10 @@ class LogitTransform(nn.Module):
             neg_log_p_1mp = F.softplus(y) + F.softplus(-y)
         else:
             neg_log_p_1mp = -torch.log(p) - torch.log1p(-p)
+        if self.training:  # how far the other spelling of the log-det is from this one (rounding only?)
+            log_form = -torch.log(p) - torch.log1p(-p)
+            other = log_form if self.logdet_form == "softplus" else F.softplus(y) + F.softplus(-y)
+            count(self, "logit_form_gap", (other - neg_log_p_1mp).abs().sum(), float(p.numel()))
         ld = math.log(1.0 - 2.0 * a) + neg_log_p_1mp
         return y, ld.flatten(1).sum(1)
 
