@@ -120,7 +120,7 @@ def pooling_check(runs: pd.DataFrame, parent_params: dict[str, dict[str, str]]) 
     reasons = []
     for _, r in runs.iterrows():
         base = parent_params.get(r["parent_run_id"])
-        if base is None:
+        if not base:
             reasons.append("")  # no study base to check against (a run trained on its own)
             continue
         expected = _expected_identity(r["variant"], int(r["seed"]), base)
@@ -197,6 +197,8 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
             row[key] = _param_value(value)
         per_epoch = histories[r.info.run_id]
         for epoch, values in sorted(per_epoch.items()):
+            if "val_bpd" not in values:  # a divergence's own epoch: recorded in the run's tags, not a result
+                continue
             hist.append({"run_id": r.info.run_id, "variant": row["variant"], "seed": row["seed"], "epoch": epoch,
                          **values})  # fmt: skip
         epochs = [e for e, v in per_epoch.items() if "val_bpd" in v]

@@ -68,3 +68,19 @@ def audits(runs: pd.DataFrame, uri: str, data: dict[str, str] | None,
         table = audit(model, splits.val, splits.train, batch=cfg.train.eval_batch_size)
         out.append((f"run `{run['run_id']}` ({variant}, seed {run['seed']}, epoch {run['epochs']})", table))
     return out
+
+
+DIAGNOSED = "paper-literal-exp"  # every seed: diagnose()
+AUDITED = ("seed-report", "paper")  # the lowest finished seed of each: audits()
+
+
+def checkpoint_runs(runs) -> set[str]:
+    """Run ids (of MLflow Run objects) whose checkpoints the report loads: every run of DIAGNOSED and the
+    lowest-seed finished run of each AUDITED variant. scripts/pack_study.py keeps exactly these."""
+    keep = {r.info.run_id for r in runs if r.data.tags.get("variant") == DIAGNOSED}
+    for variant in AUDITED:
+        done = [r for r in runs if r.data.tags.get("variant") == variant
+                and r.data.tags.get("outcome") in ("completed", "recovered")]  # fmt: skip
+        if done:
+            keep.add(min(done, key=lambda r: int(r.data.tags.get("seed", 0))).info.run_id)
+    return keep

@@ -119,7 +119,7 @@ def last_window(history: pd.DataFrame, metric: str = "val_bpd", window: int = 40
     the window makes the window mean non-finite: it is counted, never dropped.
     """
     rows = []
-    for run_id, h in history.dropna(subset=[metric], how="all").sort_values("epoch").groupby("run_id", sort=True):
+    for run_id, h in history.sort_values("epoch").groupby("run_id", sort=True):
         values = h[metric].to_numpy(dtype=float)
         tail = values[-window:]
         rows.append({

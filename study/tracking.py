@@ -23,6 +23,7 @@ DEFAULT_DB = "mlflow.db"
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_EXPERIMENT = "realnvp"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI picks the model-training or the GenAI view by it
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -60,7 +61,9 @@ def setup(uri: str | None, experiment: str) -> tuple[str, str]:
         root = _artifact_root(uri)
         location = f"{root}/{experiment}" if root else None
         try:
-            exp_id = client.create_experiment(experiment, artifact_location=location)
+            # the UI opens it in its model-training view, not the GenAI one
+            kind = {EXPERIMENT_KIND: "custom_model_development"}
+            exp_id = client.create_experiment(experiment, artifact_location=location, tags=kind)
         except Exception:  # another process created it between our look and our create
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
@@ -289,3 +292,25 @@ def serve_ui(uri: str | None, port: int, echo=print) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         echo("MLflow UI stopped")
+
+
+def relocate_artifacts(db: Path) -> int:
+    """Make a SQLite store's artifact locations hold in any copy of it: every ``file://.../mlartifacts/X``
+    location of its experiments and runs becomes ``mlflow-artifacts:/X``, which the ``ui`` command's
+    server and :func:`local_artifact_dir` resolve against the store's own mlartifacts/ folder. Returns
+    the rows changed. MLflow has no API to move a store's artifacts, so this edits its two location
+    columns (experiments.artifact_location, runs.artifact_uri) directly; it is for committing a study
+    (scripts/pack_study.py), not for a store a process is writing to."""
+    import sqlite3
+
+    changed = 0
+    with sqlite3.connect(db) as con:
+        places = (("experiments", "artifact_location", "experiment_id"), ("runs", "artifact_uri", "run_uuid"))
+        for table, column, key in places:
+            rows = con.execute(f"SELECT {key}, {column} FROM {table}").fetchall()
+            for row_id, location in rows:
+                if location and "/mlartifacts/" in location and not location.startswith("mlflow-artifacts:"):
+                    new = "mlflow-artifacts:/" + location.split("/mlartifacts/", 1)[1]
+                    con.execute(f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (new, row_id))
+                    changed += 1
+    return changed

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Pack a finished study's stores for committing, so report/ regenerates from any clone and the MLflow
+UI of any clone shows every run's sample grid.
+
+    .venv/bin/python scripts/pack_study.py studies/cifar-study
+
+In place, on STUDY_DIR/mlflow.db and STUDY_DIR/mlartifacts/:
+- artifact locations become ``mlflow-artifacts:/...`` (study.tracking.relocate_artifacts), resolved
+  against the store's own mlartifacts/ folder by `run_study.py ui` and by the report;
+- each run keeps its final sample grid at temperature 0.7, cropped to its first 16 samples (the same
+  latents, 4x4) to keep the repository small; other grids and logged reports are dropped;
+- checkpoints are kept only for the runs the report loads (analysis.diagnosis.checkpoint_runs), as
+  model weights with their config and history (no optimizer state), and dropped for every other run;
+- the local checkpoints/ folder (absolute paths of the machine that trained) is not committed.
+Prints what it kept and the size of what will be committed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEEP_GRID_T = 0.7
+GRID_SAMPLES = 4  # 4 x 4 of the 8 x 8 grid
+
+
+def crop_grid(path: Path) -> None:
+    """The top-left GRID_SAMPLES x GRID_SAMPLES samples of a torchvision grid (32 px images, padding 2)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        side = GRID_SAMPLES * 34 + 2
+        im.crop((0, 0, side, side)).save(path, optimize=True)
+
+
+def slim_checkpoint(path: Path) -> None:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    keep = ("config", "image_shape", "model", "epoch", "step", "history", "run_state", "mlflow_run_id")
+    torch.save({k: state[k] for k in keep if k in state}, path)
+
+
+def main(study_dir: Path) -> None:
+    import mlflow
+
+    from analysis.diagnosis import checkpoint_runs
+    from study import schema
+    from study.tracking import relocate_artifacts
+
+    db = study_dir / "mlflow.db"
+    client = mlflow.MlflowClient(f"sqlite:///{db.resolve()}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=50_000)]
+    keep_ckpt = checkpoint_runs(runs)
+    print(f"relocated {relocate_artifacts(db)} artifact locations to mlflow-artifacts:/")
+    art_root = study_dir / "mlartifacts"
+    for exp_dir in sorted(p for p in art_root.iterdir() if p.is_dir()) if art_root.exists() else []:
+        for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir()):
+            arts = run_dir / "artifacts"
+            grids = sorted((arts / schema.SAMPLES_DIR).glob("epoch_*.png"))
+            for grid in grids:
+                last = max(int(p.name[6:9]) for p in grids)
+                if grid.name == schema.sample_file(last, KEEP_GRID_T):
+                    crop_grid(grid)
+                else:
+                    grid.unlink()
+            ckpt = arts / schema.CHECKPOINT_ARTIFACT_DIR
+            if ckpt.exists():
+                if run_dir.name in keep_ckpt:
+                    for f in ckpt.glob("*.pt"):
+                        slim_checkpoint(f)
+                else:
+                    shutil.rmtree(ckpt)
+            if (arts / schema.REPORT_DIR).exists():
+                shutil.rmtree(arts / schema.REPORT_DIR)
+    shutil.rmtree(study_dir / "checkpoints", ignore_errors=True)
+    size = sum(p.stat().st_size for p in study_dir.rglob("*") if p.is_file() and p.suffix != ".log")
+    print(f"kept checkpoints of {len(keep_ckpt)} runs; {size / 2**20:.1f} MiB to commit in {study_dir}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,59 @@
+"""A packed study is found from any copy: artifact locations relocate, sample grids and the checkpoints
+the report needs stay (small), and the report regenerates identically from a copy elsewhere on disk."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from PIL import Image
+
+from experiments.presets import preset_config
+from study.config import apply_values
+from study.sweep import ablation as ab
+from study.tracking import download_artifact
+from tests.conftest import TINY_RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
+    study = tmp_path / "studies" / "tiny"
+    study.mkdir(parents=True)
+    shutil.copy(_store_template, study / "mlflow.db")
+    store = f"sqlite:///{study / 'mlflow.db'}"
+    base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64,
+                                                "train.sample_every": 1})  # fmt: skip
+    plan = ab.make_plan("stabilizers", "demo", base, (0,), ("seed-report", "paper", "no-l2"), "cpu",
+                        experiment="tiny", storage=f"sqlite:///{study / 'optuna.db'}", tracking_uri=store,
+                        checkpoint_root=study / "checkpoints")  # fmt: skip
+    ab.run(plan, workers=1, echo=lambda s: None)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "pack_study.py"), str(study)], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "kept checkpoints of 2 runs" in out.stdout  # seed-report and paper (audited); no-l2 needs none
+    with sqlite3.connect(study / "mlflow.db") as db:
+        uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs")]
+    assert uris and all(u.startswith("mlflow-artifacts:/tiny/") for u in uris)
+    assert not (study / "checkpoints").exists()
+
+    moved = tmp_path / "elsewhere" / "tiny"  # a clone in another place: nothing absolute survives
+    shutil.copytree(study, moved)
+    shutil.rmtree(study)
+    uri = f"sqlite:///{moved / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              filter_string="tags.variant != ''")  # fmt: skip
+    by_variant = {r.data.tags["variant"]: r.info.run_id for r in runs if "variant" in r.data.tags}
+    grid = download_artifact(by_variant["no-l2"], "samples/epoch_001_t0.7.png", uri)
+    with Image.open(grid) as im:
+        assert im.size == (4 * 34 + 2, 4 * 34 + 2)  # cropped to 16 samples
+    assert not (grid.parent / "epoch_001_t1.0.png").exists()
+    from study.run.state import checkpoint_of_run, model_from_checkpoint
+
+    state = checkpoint_of_run(by_variant["paper"], uri)
+    assert "optimizer" not in state and model_from_checkpoint(state)[1].stabilizers.bn_bijector
