@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 
+from study import schema
 from study.schema import HISTORY_METRICS
 
 
@@ -149,6 +150,23 @@ def pooling_check(runs: pd.DataFrame, parent_params: dict[str, dict[str, str]]) 
             out[idx] = "duplicate of another run of the same variant and seed"
         seen.add(cell)
     return out
+
+
+def only_study(tracking_uri: str | None) -> str:
+    """The name of the store's only experiment holding a study (a parent run), for commands whose
+    --experiment is left out; a NoRunsError lists them when there are several or none."""
+    client = _client(tracking_uri)
+    names = []
+    for exp in client.search_experiments():
+        match = f"tags.{schema.KIND} = '{schema.KIND_STUDY_PARENT}'"
+        parents = client.search_runs([exp.experiment_id], filter_string=match, max_results=1)
+        if parents:
+            names.append(exp.name)
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise NoRunsError("this store holds no study: run `run-study ablation stabilizers` first, or pass --experiment")
+    raise NoRunsError(f"this store holds several studies ({', '.join(sorted(names))}): pass --experiment NAME")
 
 
 def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

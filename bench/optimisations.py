@@ -1,6 +1,6 @@
 """Before/after timing of each speed optimisation of the training step, in one process.
 
-    .venv/bin/python -m bench.optimisations [--size paper] [--device cpu] [--batch 16] [--steps 4]
+    .venv/bin/python -m bench.optimisations [--preset paper] [--device cpu] [--batch 16] [--steps 4]
 
 Each row times the same training step (forward, backward, clip, Adam; bench.timing.prepare) without
 and with one optimisation, alternating one step of each, so the ratio is measured on the same machine
@@ -122,7 +122,7 @@ def data_path(args):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="paper", choices=list(SIZES))
+    parser.add_argument("--preset", dest="size", default="paper", choices=list(SIZES), help="the model size to time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4)

@@ -15,8 +15,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q $TORCH_SPEC 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, torchvision, mlflow, optuna, pandas, seaborn, click, skimage" \
+# the versions this project was tested with (constraints.txt) unless CONSTRAINTS= is set empty
+CONSTRAINTS=${CONSTRAINTS-constraints.txt}
+.venv/bin/python -m pip install -q ${CONSTRAINTS:+-c "$CONSTRAINTS"} -e '.[dev,postgres]' 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, torchvision, mlflow, optuna, pandas, seaborn, click, skimage, statsmodels, psycopg2" \
   || { echo "setup: the environment is incomplete (see pip's messages above)" >&2; exit 1; }
 echo "setup: .venv ready" >&2
 

@@ -8,6 +8,7 @@ unknown key or a bad value is an error before anything is written anywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -285,3 +286,7 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for section in SECTIONS:  # inf and nan pass every range check above: refuse them by name
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{key}={value}: must be a finite number")

@@ -68,6 +68,10 @@ def _patches() -> tuple[torch.Tensor, torch.Tensor, str]:
 
 
 def _load_npz(path: Path, origin: str) -> torch.Tensor:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{origin}: {path} is not an .npz archive (a zip of .npy arrays, as numpy.savez writes)")
     try:
         with np.load(path) as f:
             if "images" not in f.files:
@@ -139,6 +143,11 @@ def load_splits(cfg: DataConfig) -> ImageSplits:
         train = train[: cfg.train_limit]
     if len(train) < 2:
         raise DataError(f"{cfg.source}: only {len(train)} training images after the validation split")
+    if len(val) == 0:
+        raise DataError(f"{cfg.source}: the validation split is empty (data.val_fraction={cfg.val_fraction}); "
+                        "set data.val_fraction above 0 so every epoch is evaluated")  # fmt: skip
+    if len(test) == 0:
+        raise DataError(f"{cfg.source}: the test split is empty ({desc}); give the source test images")
     return ImageSplits(train=train, val=val, test=test, description=desc)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from study.config import Config, Stabilizers
+from study.config import Config, ConfigError, Stabilizers
 from study.flows import FlowOptions, RealNVP
 
 _FLOW_FIELDS = tuple(f.name for f in dataclasses.fields(FlowOptions))
@@ -25,3 +25,12 @@ def build_model(cfg: Config, in_channels: int = 3, image_size: int = 32) -> Real
         options=flow_options(cfg.stabilizers),
         image_size=image_size,
     )
+
+
+def check_fits(cfg: Config, image_shape: tuple[int, int, int]) -> None:
+    """The model a config describes can take these images: each of the num_scales - 1 squeezes halves
+    the size, and the last scale still needs a checkerboard. A ConfigError names the fix."""
+    size, scales = image_shape[1], cfg.model.num_scales
+    if size % 2 ** (scales - 1) or size < 2**scales:
+        fit = max(n for n in range(1, 8) if size % 2 ** (n - 1) == 0 and size >= 2**n) if size >= 2 else 0
+        raise ConfigError(f"model.num_scales={scales} does not fit {size}x{size} images: use model.num_scales <= {fit}")

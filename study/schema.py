@@ -19,6 +19,8 @@ THREADS = "threads"
 CHECKPOINT_DIR = "checkpoint_dir"
 OUTCOME = "outcome"  # see OUTCOMES
 SKIP_REASON = "skip_reason"  # why a cell was not run (outcome skipped)
+INTERRUPTED_BY = "interrupted_by"  # the signal that stopped a run (outcome interrupted): it resumes
+OWNER, OWNER_HEARTBEAT = "owner", "owner_heartbeat"  # host:pid of the process training a run, its last beat
 FAMILY = "family"  # the ablation family a cell's variant belongs to
 # MLflow's own: the UI shows these as the run's description, source and commit
 NOTE = "mlflow.note.content"
@@ -41,7 +43,7 @@ KIND_STUDY_PARENT = "study-parent"
 KIND_LR_SEARCH = "lr-search"
 KIND_BENCH = "bench"
 
-OUTCOMES = ("completed", "recovered", "diverged", "pruned", "skipped")
+OUTCOMES = ("completed", "recovered", "diverged", "pruned", "skipped", "interrupted")
 
 # --- metrics (step = epoch) ----------------------------------------------------------------------------
 EPOCH = "epoch"  # read from runs recorded before 2026-11-29's redesign only: the step is the epoch

@@ -35,6 +35,70 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return f"sqlite:///{Path.cwd() / DEFAULT_DB}"
 
 
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy stores, with or without +driver
+SERVER_SCHEMES = ("http", "https")
+ANSWER_S = 3.0  # how long a tracking server or database may take to answer a check
+
+
+def check_database_url(url: str, what: str, must_exist: bool = False) -> None:
+    """A SQLAlchemy URL that can be used, or a ConfigError naming the problem and the fix: a known
+    scheme; for SQLite an existing parent folder (and file, when ``must_exist``); for a server
+    database an answer within ANSWER_S seconds. Nothing is created."""
+    from study.config import ConfigError
+
+    scheme = url.split("://", 1)[0].split("+", 1)[0] if "://" in url else ""
+    if scheme not in DB_SCHEMES:
+        raise ConfigError(f"{what} {url!r}: use sqlite:///PATH.db or postgresql+psycopg2://USER:PASSWORD@HOST/DB")
+    if scheme == "sqlite":
+        path = Path(url.split(":///", 1)[1]) if ":///" in url else None
+        if path is None or not path.name:
+            raise ConfigError(f"{what} {url!r}: write sqlite:///PATH.db (three slashes, then a file path)")
+        if not path.parent.exists():
+            raise ConfigError(f"{what} {url!r}: folder {path.parent} does not exist; create it or choose another path")
+        if must_exist and not path.exists():
+            raise ConfigError(f"{what} {url!r}: no such store; check the path (nothing was created)")
+        return
+    try:
+        import sqlalchemy
+
+        timeout = {"connect_timeout": int(ANSWER_S)} if scheme == "postgresql" else {}
+        engine = sqlalchemy.create_engine(url, connect_args=timeout)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as e:
+        fix = "pip install 'realnvp-study[postgres]'"
+        raise ConfigError(f"{what} {url!r}: its driver {e.name} is missing: {fix}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to connect is the user's to fix
+        why = type(e).__name__
+        raise ConfigError(f"{what} {url!r}: the database does not answer ({why}); is it running?") from None
+
+
+def check_tracking_uri(uri: str | None, must_exist: bool = False) -> str:
+    """The resolved tracking URI, or a ConfigError before anything is written: a file store or plain path,
+    an unknown scheme, a SQLite file in a missing folder (or missing, when ``must_exist``), or a server
+    that does not answer within ANSWER_S seconds."""
+    import urllib.request
+
+    from study.config import ConfigError
+
+    uri = resolve_tracking_uri(uri)
+    if uri.startswith("file:") or "://" not in uri:
+        raise ConfigError(f"tracking URI {uri!r} is a path or file store, which MLflow deprecates: use sqlite:///PATH.db")
+    scheme = uri.split("://", 1)[0]
+    if scheme in SERVER_SCHEMES:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=ANSWER_S) as r:
+                if r.status == 200:
+                    return uri
+        except OSError:
+            pass
+        raise ConfigError(f"tracking URI {uri!r}: no MLflow server answers within {ANSWER_S:.0f} s; start it or "
+                          "check the address")  # fmt: skip
+    check_database_url(uri, "tracking URI", must_exist)
+    return uri
+
+
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of a direct SQLite store go beside the database, not under whatever the cwd is."""
     if uri.startswith("sqlite:///"):
@@ -275,23 +339,41 @@ def ui_command(uri: str, port: int) -> list[str]:
 
 
 def serve_ui(uri: str | None, port: int, echo=print) -> None:
-    """Run the MLflow UI in the foreground until Ctrl-C, then stop it cleanly."""
-    import signal
+    """Run the MLflow UI in the foreground until Ctrl-C, SIGTERM or SIGHUP, then stop the server and
+    every process it started (its own process group), leaving nothing listening. Prints a direct link
+    to each study's runs."""
+    import mlflow
 
-    uri = resolve_tracking_uri(uri)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
-        raise ValueError(f"no MLflow store at {uri}: run `python run_study.py train` first")
-    proc = subprocess.Popen(ui_command(uri, port))
+    uri = check_tracking_uri(uri, must_exist=True)
+    experiments = [e for e in mlflow.MlflowClient(uri).search_experiments() if e.name != "Default"]
+    proc = subprocess.Popen(ui_command(uri, port), start_new_session=True)
     echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
+    for e in sorted(experiments, key=lambda e: e.name):
+        echo(f"  {e.name}: http://127.0.0.1:{port}/#/experiments/{e.experiment_id}/runs")
     try:
         proc.wait()
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc)
         echo("MLflow UI stopped")
+        raise
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM a process's whole group (a server and its workers), then SIGKILL what outlives ``timeout``."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # whatever outlived the leader (a worker it left behind) goes too
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=5)
 
 
 def relocate_artifacts(db: Path) -> int:

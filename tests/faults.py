@@ -4,13 +4,17 @@
 
 ``poison-step=N`` makes the loss of global step N NaN once per process (as a real NaN would be,
 once); ``crash-after-checkpoint=E`` exits like SIGKILL right after epoch E's checkpoint, before MLflow
-hears of the epoch. Nothing here is imported by the harness: production runs use study.run.Hooks as is.
+hears of the epoch; ``slow-save=S`` and ``slow-log=S`` pause S seconds inside every checkpoint write
+(after the temporary file is written, before it is renamed into place) and before every batch of
+metrics goes to MLflow, so that a kill at a random moment often lands there. Nothing here is
+imported by the harness: production runs use study.run.Hooks as is.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +42,26 @@ def install(faults: list[str]) -> None:
             Hooks.loss = PoisonAt(int(value))
         elif name == "crash-after-checkpoint":
             Hooks.after_checkpoint = lambda _hooks, epoch, at=int(value): os._exit(137) if epoch == at else None
+        elif name == "slow-save":
+            import study.run.checkpoint as ck
+
+            real_save, pause = ck.torch.save, float(value)
+
+            def slow_save(obj, f, *args, real_save=real_save, pause=pause, **kwargs):
+                real_save(obj, f, *args, **kwargs)
+                time.sleep(pause)  # the temporary file is written, not yet renamed over last.pt
+
+            ck.torch.save = slow_save
+        elif name == "slow-log":
+            from study.tracking import RunLogger
+
+            real_metrics, pause = RunLogger.metrics, float(value)
+
+            def slow_metrics(self, values, step, real_metrics=real_metrics, pause=pause):
+                time.sleep(pause)
+                real_metrics(self, values, step)
+
+            RunLogger.metrics = slow_metrics
         else:
             raise SystemExit(f"unknown fault {fault!r}")
 

@@ -204,8 +204,11 @@ def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
     for args, message in [
         (["ablation", "stabilizers", "--only", "no-such"], "--only 'no-such'"),
         (["ablation", "nope", "--dry-run"], "unknown study 'nope'"),
-        (["ablation", "stabilizers", "--seed-list", "1,x"], "comma-separated integers"),
-        (["ablation", "stabilizers", "--seeds", "0"], "no seeds"),
+        (["ablation", "stabilizers", "--seeds", "1,x"], "give a count (3) or a comma-separated list"),
+        (["ablation", "stabilizers", "--seeds", "0"], "give at least one seed"),
+        (["ablation", "stabilizers", "--seeds", "1,1"], "--seeds has duplicates"),
+        (["ablation", "stabilizers", "--grace", "-5"], "Invalid value for '--grace'"),
+        (["ablation", "stabilizers", "--storage", "foo://bar"], "--storage 'foo://bar'"),
     ]:
         result = CliRunner().invoke(run_study.cli, args)
         assert result.exit_code == 2, (args, result.output)

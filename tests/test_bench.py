@@ -20,7 +20,7 @@ def test_bench_cli_prints_a_table_and_rejects_fp16_on_cpu():
         run_study.cli,
         [
             "bench",
-            "--size",
+            "--preset",
             "demo",
             "--device",
             "cpu",
@@ -36,13 +36,13 @@ def test_bench_cli_prints_a_table_and_rejects_fp16_on_cpu():
     assert out.exit_code == 0, out.output
     assert "train img/s" in out.stdout and "bf16" in out.stdout
     bad = CliRunner().invoke(run_study.cli, ["bench", "--device", "cpu", "--batch", "1"])
-    assert bad.exit_code == 2 and "--batch must be >= 2" in bad.stderr
+    assert bad.exit_code == 2 and "Invalid value for '--batch'" in bad.stderr
 
 
 def test_bench_log_records_an_mlflow_run(store):
     import mlflow
 
-    out = CliRunner().invoke(run_study.cli, ["bench", "--size", "demo", "--device", "cpu", "--batch", "4",
+    out = CliRunner().invoke(run_study.cli, ["bench", "--preset", "demo", "--device", "cpu", "--batch", "4",
                                              "--steps", "1", "--log", "--tracking-uri", store])  # fmt: skip
     assert out.exit_code == 0, out.output
     run_id = out.stdout.strip().split()[-1]
@@ -68,7 +68,7 @@ def test_usual_repro_stand_in_has_the_published_size():
 
 
 def test_bench_matrix_puts_the_baseline_first_with_ratios():
-    out = CliRunner().invoke(run_study.cli, ["bench", "--size", "demo", "--device", "cpu", "--batch", "4",
+    out = CliRunner().invoke(run_study.cli, ["bench", "--preset", "demo", "--device", "cpu", "--batch", "4",
                                              "--steps", "1", "--matrix"])  # fmt: skip
     assert out.exit_code == 0, out.output
     lines = out.stdout.strip().splitlines()
@@ -101,7 +101,7 @@ def test_bench_optimisations_script_prints_a_before_after_table():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "bench.optimisations", "--size", "demo", "--steps", "1", "--compile-size", "none"]
+    cmd = [sys.executable, "-m", "bench.optimisations", "--preset", "demo", "--steps", "1", "--compile-size", "none"]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "optimisation" not in line]

@@ -19,7 +19,7 @@ def test_summary_describes_the_demo_model():
 def test_bad_input_is_one_line_and_exit_2():
     cases = [
         (["summary", "--set", "model.width=3"], "unknown config key 'model.width'"),
-        (["summary", "--preset", "huge"], "unknown preset 'huge'"),
+        (["summary", "--preset", "huge"], "'huge' is not one of"),
         (["summary", "--data", "npz:/nonexistent"], "is not a folder"),
         (["summary", "--set", "model.num_scales=6"], "image_size 32 must be divisible"),
     ]
@@ -31,6 +31,18 @@ def test_bad_input_is_one_line_and_exit_2():
 
 
 def test_help_is_fast_and_imports_no_torch():
-    code = "import sys, run_study; run_study.cli(['--help'], standalone_mode=False); print('torch' in sys.modules)"
+    code = ("import sys, run_study\ntry:\n    run_study.cli(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False")
+
+
+def test_version_and_console_script():
+    out = subprocess.run([sys.executable, str(ROOT / "run_study.py"), "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("run-study, version ")
+    import shutil
+
+    script = Path(sys.executable).parent / "run-study"  # pip install . (or -e .) puts it beside the interpreter
+    assert script.exists() or shutil.which("run-study"), "pip install . should provide the run-study command"
+    assert subprocess.run([str(script) if script.exists() else "run-study", "--help"], capture_output=True,
+                          text=True).returncode == 0  # fmt: skip

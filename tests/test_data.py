@@ -74,7 +74,7 @@ def test_npz_source_reads_the_real_cifar10_slices():
         (lambda d: None, r"expected one \*train\*\.npz"),
         (lambda d: _write_npz(d, images=np.zeros((4, 32, 32, 3), np.float32)), "expected 'images' as uint8"),
         (lambda d: _write_npz(d, images=np.zeros((4, 32, 16, 3), np.uint8)), "expected square images"),
-        (lambda d: [(d / f"x_{s}.npz").write_text("not a zip") for s in ("train", "test")], "cannot read"),
+        (lambda d: [(d / f"x_{s}.npz").write_text("not a zip") for s in ("train", "test")], "is not an .npz archive"),
     ],
 )
 def test_malformed_npz_is_a_one_line_error(tmp_path, make, match):

@@ -134,15 +134,15 @@ step environment 90 "$PY" scripts/gpu/check_helper.py env "$ROOT/$BUNDLE/wheels"
 
 # --- 2. sizes: the device's, or tiny ones that walk the same code on a CPU -------------------------
 if [ "$SCALE" = rehearsal ]; then
-  BENCH=(--size demo --batch 16 --steps 2)
-  OPTIM=(--size demo --batch 8 --steps 2 --compile-size none)
+  BENCH=(--preset demo --batch 16 --steps 2)
+  OPTIM=(--preset demo --batch 8 --steps 2 --compile-size none)
   # the paper preset's code paths (bn bijector, L2, real slices) at the demo model size
   PAPER=(--epochs 1 --set data.train_limit=256 --set model.mid_channels=8 --set model.num_blocks=1
     --set train.eval_batch_size=250)
   DEMO=(--epochs 1 --set data.train_limit=256)
 else
-  BENCH=(--size paper --batch 64 --steps 20)
-  OPTIM=(--size paper --batch 64 --steps 20 --compile-size small)
+  BENCH=(--preset paper --batch 64 --steps 20)
+  OPTIM=(--preset paper --batch 64 --steps 20 --compile-size small)
   PAPER=(--epochs 3) # all 3,600 training images of the slice, 400 validation, 500 test
   DEMO=(--epochs 2)
 fi
@@ -152,8 +152,8 @@ ABLATION=(run_study.py ablation stabilizers --preset paper --data "$DATA" --seed
   --storage "$OPTUNA" --tracking-uri "$URI" --checkpoint-dir "$CKPT" --device "$DEV")
 
 # --- 3. the steps, most wanted first; the compile steps last (their cold compiles vary most) -------
-step train-fp16-demo 90 --cuda "$PY" "${TRAIN[@]}" --variant check-fp16 --set stabilizers.amp=fp16
-step train-bf16-demo 90 "$PY" "${TRAIN[@]}" --variant check-bf16 --set stabilizers.amp=bf16
+step train-fp16-demo 90 --cuda "$PY" "${TRAIN[@]}" --experiment gpu-check-fp16 --set stabilizers.amp=fp16
+step train-bf16-demo 90 "$PY" "${TRAIN[@]}" --experiment gpu-check-bf16 --set stabilizers.amp=bf16
 step bench-matrix-paper 150 "$PY" run_study.py bench "${BENCH[@]}" --device "$DEV" --matrix --log --tracking-uri "$URI"
 step ablation-paper 150 --data "$PY" "${ABLATION[@]}" --only seed-report --only paper "${PAPER[@]}"
 step fp16-recipe-paper 120 --cuda --data "$PY" "${ABLATION[@]}" --only seed-report-fp16 "${PAPER[@]}"
@@ -163,7 +163,7 @@ for mode in default reduce-overhead; do # reduce-overhead adds CUDA graphs on a 
     --compile --compile-mode "$mode" --log --tracking-uri "$URI"
 done
 # the training loop itself compiled, with CUDA graphs on a GPU (train/eval switches, optimizer outside)
-step train-compiled-demo 150 "$PY" "${TRAIN[@]}" --variant check-compiled --set stabilizers.amp=bf16 \
+step train-compiled-demo 150 "$PY" "${TRAIN[@]}" --experiment gpu-check-compiled --set stabilizers.amp=bf16 \
   --set train.compile=reduce-overhead
 step bench-optimisations 120 "$PY" -m bench.optimisations "${OPTIM[@]}" --device "$DEV"
 

@@ -172,8 +172,8 @@ def evaluate(uri: str, data: str) -> int:
         ("gpu-check-ablation", "seed-report-fp16"),
         ("gpu-check-ablation", "seed-report"),
         ("gpu-check-ablation", "paper"),
-        ("gpu-check", "check-bf16"),
-        ("gpu-check", "check-fp16"),
+        ("gpu-check-bf16", "default"),
+        ("gpu-check-fp16", "default"),
     ):
         found = [r for r in store.runs(experiment, variant=variant) if store.tag(r, "checkpoint_dir")]
         if found:
@@ -283,8 +283,8 @@ def summary(results: str, db: str, logs: str, out: str, total: str) -> int:
     logs_dir = Path(logs)
     rehearsal = os.environ.get("CHECK_SCALE", "full") == "rehearsal"
     keys = {
-        "train-fp16-demo": lambda: run_key(store, "gpu-check", "check-fp16"),
-        "train-bf16-demo": lambda: run_key(store, "gpu-check", "check-bf16"),
+        "train-fp16-demo": lambda: run_key(store, "gpu-check-fp16", "default"),
+        "train-bf16-demo": lambda: run_key(store, "gpu-check-bf16", "default"),
         "bench-matrix-paper": lambda: bench_key(store, "", rehearsal),
         "ablation-paper": lambda: "; ".join(
             k for k in (run_key(store, "gpu-check-ablation", v) for v in ("seed-report", "paper")) if k
@@ -292,7 +292,7 @@ def summary(results: str, db: str, logs: str, out: str, total: str) -> int:
         "fp16-recipe-paper": lambda: run_key(store, "gpu-check-ablation", "seed-report-fp16"),
         "compile-default": lambda: bench_key(store, "_default", rehearsal),
         "compile-reduce-overhead": lambda: bench_key(store, "_reduce-overhead", rehearsal),
-        "train-compiled-demo": lambda: run_key(store, "gpu-check", "check-compiled"),
+        "train-compiled-demo": lambda: run_key(store, "gpu-check-compiled", "default"),
         "bench-optimisations": lambda: optimisations_key(logs_dir / "bench-optimisations.log"),
         "setup": lambda: setup_key(logs_dir / "manifest.log"),
     }

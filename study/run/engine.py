@@ -13,11 +13,12 @@ import torch
 from study import distributed, schema
 from study.config import ConfigError, flatten, unflatten
 from study.data import ImageSplits, load_splits
-from study.run import checkpoint
+from study.model import check_fits
+from study.run import checkpoint, ownership
 from study.run.loop import Run, train_to_the_end
 from study.run.spec import RunResult, RunSpec, finished_result, resolve_device, run_key
 from study.run.state import new_state, restore, to_checkpoint
-from study.tracking import NullLogger, RunLogger, create_run, find_run, setup
+from study.tracking import NullLogger, RunLogger, check_tracking_uri, create_run, find_run, resolve_tracking_uri, setup
 
 
 def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str | None = None) -> RunResult:
@@ -35,8 +36,11 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         raise ConfigError("train.compile under torchrun is not supported: set train.compile=off")
     if d.enabled and cfg.train.batch_size % d.world:
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by the {d.world} processes")
+    if d.main:  # a bad store is refused before anything is written
+        check_tracking_uri(spec.tracking_uri, must_exist=resume_run_id is not None)
     if resume_run_id is None:
         splits = splits or load_splits(cfg.data)
+        check_fits(cfg, splits.shape)
     device = distributed.init(d, device)
     try:
         if d.main:
@@ -78,46 +82,89 @@ def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tupl
     return run_id, ckpt_dir
 
 
-def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device) -> RunResult:
-    """Rank 0 (or the only process): find or create the MLflow run, then train it."""
+def _open_store(spec: RunSpec, resume_run_id: str | None, splits: ImageSplits | None, device):
+    """(experiment id, the named run or None, splits): with --resume the run must exist before anything
+    is written, and its own config, variant and data are used."""
     import mlflow
 
-    uri, exp_id = setup(spec.tracking_uri, spec.experiment)
-    client = mlflow.MlflowClient()
-    existing = None
-    if resume_run_id is not None:
-        existing = _named_run(spec, client, resume_run_id, uri, device)
-        splits = splits or load_splits(spec.cfg.data)
-        exp_id = existing.info.experiment_id
-    cfg = spec.cfg
-    key = run_key(spec.variant, cfg)
-    if existing is None and not spec.fresh:
-        existing = find_run(exp_id, key)
-    if existing is not None and existing.info.status in ("FINISHED", "FAILED") and schema.OUTCOME in existing.data.tags:
-        outcome = existing.data.tags[schema.OUTCOME]
-        spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
-        distributed.broadcast({"done": True}, d)
-        return finished_result(existing)
+    if resume_run_id is None:
+        return setup(spec.tracking_uri, spec.experiment)[1], None, splits
+    uri = resolve_tracking_uri(spec.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    existing = _named_run(spec, mlflow.MlflowClient(), resume_run_id, uri, device)
+    splits = splits or load_splits(spec.cfg.data)
+    check_fits(spec.cfg, splits.shape)
+    mlflow.set_experiment(experiment_id=existing.info.experiment_id)
+    return existing.info.experiment_id, existing, splits
 
-    st = new_state(cfg, splits.shape, device)
-    found = None
-    if existing is not None:
-        run_id = existing.info.run_id
-        ckpt_dir = Path(existing.data.tags[schema.CHECKPOINT_DIR])
-        found = checkpoint.load(ckpt_dir, map_location=device)
-        if found is not None and found[0].get("mlflow_run_id") != run_id:
-            spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
-            found = None
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
-    if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
-        checkpoint.save(ckpt_dir, to_checkpoint(st, cfg, splits.shape, run_id))
-    distributed.broadcast({"done": False, "run_id": run_id, "ckpt_dir": str(ckpt_dir)}, d)
-    run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st)
-    if found is not None:
-        _resume(run, st, found)
-    return train_to_the_end(run, st)
+
+def _checkpoint_dir(spec: RunSpec, existing) -> Path:
+    """A run's checkpoint folder; a run killed right after its creation has no tag for it yet."""
+    recorded = existing.data.tags.get(schema.CHECKPOINT_DIR)
+    if recorded:
+        return Path(recorded)
+    ckpt_dir = (spec.checkpoint_root / spec.experiment / existing.info.run_id).resolve()
+    RunLogger(existing.info.run_id).tags({schema.CHECKPOINT_DIR: ckpt_dir})
+    return ckpt_dir
+
+
+def _claimable(spec: RunSpec, existing):
+    """Refuse a run another live process owns; warn when taking one over from a dead or silent owner."""
+    owner = ownership.live_owner(existing)
+    if owner is not None:
+        raise ownership.OwnedError(f"run {existing.info.run_id} is being trained by {owner}: wait for it, or stop "
+                                   f"it (it is taken over once silent for {ownership.GRACE_S:.0f} s)")  # fmt: skip
+    previous = ownership.stale_owner(existing)
+    if previous:
+        spec.echo(f"warning: taking over run {existing.info.run_id} from {previous} (gone, or silent for more than "
+                  f"{ownership.GRACE_S:.0f} s)")  # fmt: skip
+
+
+def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device) -> RunResult:
+    """Rank 0 (or the only process): find or create the MLflow run, claim it, then train it."""
+    import mlflow
+
+    exp_id, existing, splits = _open_store(spec, resume_run_id, splits, device)
+    client = mlflow.MlflowClient()
+    cfg, key = spec.cfg, run_key(spec.variant, spec.cfg)
+    if cfg.train.threads:  # before the run records its thread count
+        torch.set_num_threads(cfg.train.threads)
+    # finding or creating the run and claiming it is one step: two commands started together on this
+    # machine do not both create a run of one identity
+    with ownership.file_lock(spec.checkpoint_root / spec.experiment / ".locks" / f"{key}.lock", f"run identity {key}"):
+        if existing is None and not spec.fresh:
+            existing = find_run(exp_id, key)
+        done = existing is not None and existing.info.status in ("FINISHED", "FAILED")
+        if done and schema.OUTCOME in existing.data.tags:
+            outcome = existing.data.tags[schema.OUTCOME]
+            spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
+            distributed.broadcast({"done": True}, d)
+            return finished_result(existing)
+        found = None
+        if existing is not None:
+            _claimable(spec, existing)
+            run_id = existing.info.run_id
+            ckpt_dir = _checkpoint_dir(spec, existing)
+            found = checkpoint.load(ckpt_dir, map_location=device)
+            if found is not None and found[0].get("mlflow_run_id") != run_id:
+                spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
+                found = None
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
+        beat = ownership.Heartbeat(client, run_id).start()
+    try:
+        with ownership.file_lock(ckpt_dir / ".owner.lock", f"run {run_id}"):
+            st = new_state(cfg, splits.shape, device)
+            if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
+                checkpoint.save(ckpt_dir, to_checkpoint(st, cfg, splits.shape, run_id))
+            distributed.broadcast({"done": False, "run_id": run_id, "ckpt_dir": str(ckpt_dir)}, d)
+            run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st)
+            if found is not None:
+                _resume(run, st, found)
+            return train_to_the_end(run, st)
+    finally:
+        beat.stop()
 
 
 def _follow(spec: RunSpec, splits: ImageSplits, d, device) -> RunResult:

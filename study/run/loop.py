@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from study import distributed, schema
+from study import distributed, schema, signals
 from study.config import Config
 from study.data import train_batches
 from study.distributed import Dist, shard
@@ -25,7 +25,7 @@ from study.flows.activity import read_and_reset
 from study.memory import peak_memory_mb, reset_peak_memory
 from study.metrics import bits_per_dim
 from study.run import checkpoint, divergence
-from study.run.progress import epoch_bar
+from study.run.progress import clock, epoch_bar, remaining
 from study.run.spec import RunPruned, RunResult, RunSpec
 from study.run.state import RunState, to_checkpoint
 from study.run.step import evaluate, lr_at, train_step
@@ -169,7 +169,7 @@ def record_epoch(run: Run, st: RunState, metrics: dict[str, float], epoch: int) 
 
 def run_epochs(run: Run, st: RunState) -> str:
     """Train from the epoch after ``st.epoch`` to the configured last one; returns the outcome."""
-    cfg, epoch = run.cfg, st.epoch + 1
+    cfg, epoch, took = run.cfg, st.epoch + 1, []
     while epoch <= cfg.train.epochs:
         t0 = time.perf_counter()
         reset_peak_memory(run.device)
@@ -187,10 +187,12 @@ def run_epochs(run: Run, st: RunState) -> str:
             epoch = st.epoch + 1
             continue
         record_epoch(run, st, metrics, epoch)
+        took.append(time.perf_counter() - t0)
+        eta = remaining(took, cfg.train.epochs - epoch)
         run.spec.echo(
             f"epoch {epoch}/{cfg.train.epochs}  train {metrics[schema.TRAIN_BPD]:.4f}  "
             f"val {metrics[schema.VAL_BPD]:.4f} bits/dim  {metrics[schema.IMAGES_PER_S]:.0f} img/s  "
-            f"{metrics[schema.EPOCH_SECONDS]:.1f} s"
+            f"{metrics[schema.EPOCH_SECONDS]:.1f} s" + (f"  ETA {clock(eta)}" if epoch < cfg.train.epochs else "")
         )
         if run.spec.on_epoch is not None:
             run.spec.on_epoch(epoch, metrics[schema.VAL_BPD])
@@ -252,8 +254,9 @@ def train_to_the_end(run: Run, st: RunState) -> RunResult:
     except RunPruned:
         status = "KILLED"
         return pruned(run, st, st.epoch)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the last checkpoint stays, the run can resume
         status = "KILLED"
+        run.log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: signals.name(e)})
         raise
     except BaseException:
         status = "FAILED"

@@ -90,9 +90,9 @@ def make_plan(
         if name not in names:
             raise ConfigError(f"--only {name!r}: study {study} has {', '.join(names)}")
     if not seeds:
-        raise ConfigError("no seeds: use --seeds N (N >= 1) or --seed-list 0,1,2")
+        raise ConfigError("no seeds: use --seeds N (N >= 1) or --seeds 0,1,2")
     if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seed-list has duplicates: {seeds}")
+        raise ConfigError(f"--seeds has duplicates: {seeds}")
     chosen = [v for v in variants if not only or v.name in only]
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     skipped = tuple((v, "needs CUDA") for v in chosen if v.needs_cuda and not cuda)
@@ -170,7 +170,9 @@ def cell_states(study) -> dict[tuple[str, int], str]:
     }
     best: dict[tuple[str, int], TrialState] = {}
     for t in study.get_trials(deepcopy=False):
-        params = t.params or t.system_attrs.get("fixed_params") or {}
+        # a waiting trial has no params yet: the cell it stands for is in its user attributes, which
+        # every cell's trial carries and Optuna's stale-trial retry copies
+        params = t.params if "variant" in t.params else t.user_attrs
         if "variant" not in params:
             continue
         cell = (params["variant"], int(params["seed"]))
@@ -190,7 +192,8 @@ def requeue(plan: Plan, study) -> int:
     queued = 0
     for variant, seed in plan.cells:
         if states.get((variant, seed)) in ("FAIL", "PRUNED"):
-            study.enqueue_trial({"variant": variant, "seed": seed})
+            cell = {"variant": variant, "seed": seed}
+            study.enqueue_trial(cell, user_attrs=cell)
             queued += 1
     return queued
 
@@ -245,6 +248,8 @@ def work(
     def objective(trial: optuna.Trial) -> float:
         variant = by_name[trial.suggest_categorical("variant", [v.name for v in plan.variants])]
         seed = trial.suggest_categorical("seed", list(plan.seeds))
+        trial.set_user_attr("variant", variant.name)
+        trial.set_user_attr("seed", seed)
         if _held_elsewhere(study, trial, variant.name, seed):
             # a race handed this cell to two workers: the other one has it; this trial is dropped
             raise optuna.TrialPruned(f"cell {variant.name} seed {seed} is running in another trial")
@@ -300,8 +305,16 @@ def record_skipped(plan: Plan, parent_run_id: str) -> int:
 
 
 def _worker_main(plan: Plan, parent_run_id: str, worker: int, threads: int) -> None:
+    import sys
+
+    from study import signals
+
+    signals.install()
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    work(plan, parent_run_id, worker, echo=lambda s: print(s, flush=True), threads=threads)
+    try:
+        work(plan, parent_run_id, worker, echo=lambda s: print(s, flush=True), threads=threads)
+    except KeyboardInterrupt as e:  # its run is recorded as interrupted; the coordinator re-queues the cell
+        sys.exit(signals.exit_code(e))
 
 
 # --- the whole study --------------------------------------------------------------------------------
@@ -365,13 +378,23 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
 
 
 def _print_progress(plan: Plan, echo, last):
+    from optuna.trial import TrialState
+
+    from study.run.progress import clock, remaining
+
     rows = summary_rows(plan)
     done = sum(r["done"] for r in rows)
     running = sum(r["running"] for r in rows)
+    left = len(plan.cells) - done - running
+    took = [(t.datetime_complete - t.datetime_start).total_seconds()
+            for t in _load_study(plan).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.datetime_start and t.datetime_complete]  # fmt: skip
+    eta = remaining(took, left + running / 2, max(running, 1))
     latest = ", ".join(f"{r['variant']} {r['val bpd (latest, mean)']}" for r in rows if r["val bpd (latest, mean)"])
-    line = f"cells done {done}, running {running}, left {len(plan.cells) - done - running}" + (
-        f" | val bpd: {latest}" if latest else ""
-    )
+    line = f"cells done {done}, running {running}, left {left}"
+    if took and (left or running):
+        line += f", ETA {clock(eta)}"
+    line += f" | val bpd: {latest}" if latest else ""
     if line != last:
         echo(line)
     return line

@@ -49,12 +49,18 @@ def heartbeat_storage(url: str, heartbeat: int, grace: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     # heartbeats and the stale-trial retry are marked experimental; they are what we rely on
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=heartbeat,
-        grace_period=grace,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-    )
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+        except Exception:  # noqa: BLE001 - machines starting together race to create the schema: one wins
+            if attempt == 5:
+                raise
+            time.sleep(1.0 + attempt)
 
 
 def storage(sweep: Sweep):
@@ -126,9 +132,16 @@ def run_until_done(
             work_here()
         else:
             procs = start_workers(worker_main, workers, *worker_args)
-            while any(p.is_alive() for p in procs):
-                time.sleep(poll_s)
-                while_waiting()
+            try:
+                while any(p.is_alive() for p in procs):
+                    time.sleep(poll_s)
+                    while_waiting()
+            except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: each worker records its run as interrupted
+                for p in procs:
+                    p.terminate()  # SIGTERM, which a worker handles like Ctrl-C
+                for p in procs:
+                    p.join(timeout=60)
+                raise
             for p in procs:
                 p.join()
             if any(p.exitcode not in (0, None) for p in procs):

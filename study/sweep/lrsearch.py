@@ -120,20 +120,19 @@ def _finished(study) -> int:
 
 
 def _duplicate_retry(study, trial) -> bool:
-    """True when a lower-numbered retry of the same failed trial is running or finished."""
+    """True when a lower-numbered retry of the same failed trial is running or finished (Optuna's
+    public RetryHeartbeatStaleTrialCallback.retried_trial_number names a retry's original)."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback as Retry
     from optuna.trial import TrialState
 
-    origin = study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+    trials = study.get_trials(deepcopy=False)
+    me = next(t for t in trials if t.number == trial.number)
+    origin = Retry.retried_trial_number(me)
     if origin is None:
         return False
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)):
-        if (
-            t.number < trial.number
-            and t.system_attrs.get("failed_trial") == origin
-            and not t.user_attrs.get("duplicate")
-        ):
-            return True
-    return False
+    live = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+    return any(t.number < trial.number and t.state in live and Retry.retried_trial_number(t) == origin
+               and not t.user_attrs.get("duplicate") for t in trials)  # fmt: skip
 
 
 def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], None] = print, threads: int = 0) -> None:
@@ -183,7 +182,18 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
         return value
 
     def enough(study, _trial) -> None:
-        if _finished(study) >= search.trials:
+        from optuna.trial import TrialState
+
+        from study.run.progress import clock, remaining
+
+        finished = _finished(study)
+        took = [(t.datetime_complete - t.datetime_start).total_seconds()
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                if t.datetime_start and t.datetime_complete]  # fmt: skip
+        if finished < search.trials:
+            echo(f"[worker {worker}] trials finished {finished}/{search.trials}, "
+                 f"ETA {clock(remaining(took, search.trials - finished))} at this worker's pace")  # fmt: skip
+        else:
             study.stop()
 
     if _finished(study) < search.trials:
@@ -192,7 +202,15 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
 
 
 def _worker_main(search: Search, parent: str, worker: int, threads: int) -> None:
-    work(search, parent, worker, echo=lambda s: print(s, flush=True), threads=threads)
+    import sys
+
+    from study import signals
+
+    signals.install()
+    try:
+        work(search, parent, worker, echo=lambda s: print(s, flush=True), threads=threads)
+    except KeyboardInterrupt as e:
+        sys.exit(signals.exit_code(e))
 
 
 def trials_frame(search: Search):

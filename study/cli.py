@@ -1,0 +1,422 @@
+"""The command line (``run-study``, or ``python run_study.py``): it parses, checks what a user can get
+wrong before anything is written, and dispatches to study/, experiments/, analysis/ and bench/, where
+tests and Optuna call the work directly. The top floor of the house: it alone imports every layer.
+
+Errors a user can cause end in one line on stderr and exit status 2; Ctrl-C, SIGTERM and SIGHUP end a
+command the same recorded way, with 128 + the signal's number.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from experiments.presets import PRESETS
+from study import signals
+from study.config import ConfigError
+
+
+def _fail(message: str) -> None:
+    """A user error: one line on stderr and exit status 2, before anything is written."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _interrupted(e: BaseException, again: str) -> None:
+    click.echo(f"interrupted by {signals.name(e)}: {again}", err=True)
+    sys.exit(signals.exit_code(e))
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"  # not the source line Python prints by default
+
+
+def _config(preset: str, data: str | None, overrides: tuple[str, ...], variant: str | None = None):
+    """The preset, with --data and --set applied, then the overrides of an ablation variant (which a
+    --set may not contradict: a run's variant tag never disagrees with its config)."""
+    from experiments.presets import preset_config
+    from experiments.studies import find_variant
+    from study.config import apply_values, parse_overrides
+    from study.data import DataError, parse_data_spec
+
+    try:
+        cfg = preset_config(preset)
+        values: dict[str, object] = dict(parse_data_spec(data)) if data else {}
+        values.update(parse_overrides(overrides))
+        if variant is not None:
+            v = find_variant(variant)
+            clash = sorted(k for k in parse_overrides(overrides) if k in v.overrides)
+            if clash:
+                raise ConfigError(f"--set {clash[0]} contradicts variant {variant!r}, which sets it: drop one of them")
+            values.update(v.overrides)
+        return apply_values(cfg, values)
+    except KeyError as e:
+        _fail(str(e.args[0]))
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+
+
+def _check_store(tracking_uri: str | None, must_exist: bool = False) -> str:
+    from study.tracking import check_tracking_uri
+
+    try:
+        return check_tracking_uri(tracking_uri, must_exist)
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _check_storage(storage: str | None) -> None:
+    from study.tracking import check_database_url
+
+    if storage:
+        try:
+            check_database_url(storage, "--storage")
+        except ConfigError as e:
+            _fail(str(e))
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list."""
+    try:
+        if "," in text:
+            seeds = tuple(int(x) for x in text.split(",") if x.strip())
+        else:
+            seeds = tuple(range(int(text)))
+    except ValueError:
+        _fail(f"--seeds {text!r}: give a count (3) or a comma-separated list (0,1,2)")
+    if not seeds:
+        _fail(f"--seeds {text!r}: give at least one seed")
+    return seeds
+
+
+PRESET = click.option("--preset", type=click.Choice(list(PRESETS)), default="demo", show_default=True)
+DATA = click.option("--data", default=None, help="patches | npz:DIR | cifar10:DIR (default: the preset's)")
+SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a config value")
+TRACKING = click.option(
+    "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
+)
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+CHECKPOINT_DIR = click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
+STORAGE = click.option("--storage", default=None, help="Optuna storage (default: sqlite:///optuna.db here)")
+WORKERS = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                       help="local worker processes")  # fmt: skip
+EPOCHS = click.option("--epochs", type=click.IntRange(min=1), default=None, help="epochs per run (train.epochs)")
+
+
+def _grace(what: str):
+    return click.option("--grace", type=click.IntRange(min=1), default=30, show_default=True,
+                        help=f"seconds without heartbeat before a {what} is retried")  # fmt: skip
+
+
+class _Cli(click.Group):
+    """A click group whose usage errors are one line too ("error: Invalid value for '--grace' ...")."""
+
+    def main(self, *args, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            _fail(e.format_message())
+        except click.exceptions.Abort as e:  # an interruption outside a command's own handler
+            sys.exit(signals.exit_code(e.__cause__) if isinstance(e.__cause__, KeyboardInterrupt) else 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="realnvp-study", prog_name="run-study")
+def cli():
+    """Real NVP on CIFAR-10: which of the seed report's stabilizers does it need?"""
+    signals.install()
+    warnings.formatwarning = _one_line_warning
+
+
+@cli.command()
+@PRESET
+@DATA
+@SET
+def summary(preset, data, overrides):
+    """Print the model a configuration builds: size, parameters, forward GFLOP per image, data."""
+    cfg = _config(preset, data, overrides)
+    from analysis.summary import model_summary
+
+    try:
+        click.echo(model_summary(cfg))
+    except ValueError as e:  # DataError and bad model shapes
+        _fail(str(e))
+
+
+@cli.command()
+@PRESET
+@DATA
+@click.option("--seed", type=int, default=None, help="the run's seed (train.seed)")
+@EPOCHS
+@SET
+@click.option("--experiment", default="realnvp", show_default=True, help="MLflow experiment name")
+@TRACKING
+@DEVICE
+@click.option("--variant", default=None, help="an ablation variant: its overrides are applied and its name recorded")
+@CHECKPOINT_DIR
+@click.option("--resume", "resume_run_id", default=None, help="continue this MLflow run from its last checkpoint")
+@click.option("--fresh", is_flag=True, help="start a new run even if one with the same identity exists")
+def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, device, variant, checkpoint_dir,
+          resume_run_id, fresh):  # fmt: skip
+    """Train one Real NVP run, logged to MLflow; re-running the same command resumes it."""
+    extra = tuple(overrides) + ((f"train.seed={seed}",) if seed is not None else ()) + (
+        (f"train.epochs={epochs}",) if epochs is not None else ())  # fmt: skip
+    cfg = _config(preset, data, extra, variant)
+    from experiments.studies import find_variant
+    from study.data import DataError
+    from study.run import RunSpec
+    from study.run import train as train_run
+
+    spec = RunSpec(cfg=cfg, preset=preset, variant=variant or "default", experiment=experiment,
+                   tracking_uri=tracking_uri, device=device, checkpoint_root=Path(checkpoint_dir), fresh=fresh,
+                   echo=click.echo, description=find_variant(variant).rationale if variant else "",
+                   source="run_study.py train")  # fmt: skip
+    try:
+        train_run(spec, resume_run_id=resume_run_id)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt as e:
+        _interrupted(e, "run the same command again (or --resume RUN_ID) to continue")
+
+
+@cli.command()
+@click.argument("study_name", required=False)
+@click.option("--list", "list_", is_flag=True, help="list the studies and exit")
+@click.option("--dry-run", is_flag=True, help="print the plan (families, variants x seeds) and touch nothing")
+@PRESET
+@DATA
+@click.option("--seeds", default="3", show_default=True, metavar="N|LIST",
+              help="a count (seeds 0..N-1) or a list: 0,1,2")  # fmt: skip
+@click.option("--only", multiple=True, metavar="VARIANT", help="run only these variants (repeatable)")
+@EPOCHS
+@SET
+@WORKERS
+@STORAGE
+@click.option("--experiment", default=None, help="MLflow experiment (default: STUDY-PRESET)")
+@TRACKING
+@DEVICE
+@CHECKPOINT_DIR
+@_grace("cell")
+def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, overrides, workers, storage, experiment,
+             tracking_uri, device, checkpoint_dir, grace):  # fmt: skip
+    """Run an ablation study: every (variant, seed) cell, resumable, over workers (Optuna + MLflow)."""
+    from experiments.studies import STUDIES, STUDY_DESCRIPTIONS
+
+    if list_ or not study_name:
+        for name, variants in STUDIES.items():
+            click.echo(f"{name}: {len(variants)} variants; {STUDY_DESCRIPTIONS[name]}")
+            for v in variants:
+                click.echo(f"  {v.name:<22} {v.rationale}")
+        return
+    from study.sweep import ablation as ab
+
+    base = _config(preset, data, tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ()))
+    try:
+        plan = ab.make_plan(study_name, preset, base, _seeds(seeds), only, device, experiment=experiment,
+                            storage=storage, tracking_uri=tracking_uri, checkpoint_root=Path(checkpoint_dir),
+                            grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
+    except ConfigError as e:
+        _fail(str(e))
+    click.echo(ab.describe(plan))
+    if dry_run:
+        return
+    _check_storage(storage)
+    _check_store(tracking_uri)
+    try:
+        ab.run(plan, workers=workers, echo=click.echo)
+    except ConfigError as e:
+        _fail(str(e))
+    except KeyboardInterrupt as e:
+        _interrupted(e, "run the same command again to continue where it stopped")
+
+
+@cli.command("lr-search")
+@PRESET
+@DATA
+@click.option("--variant", default=None, help="an ablation variant whose switches the search uses (default: preset)")
+@click.option("--trials", type=click.IntRange(min=1), default=8, show_default=True,
+              help="finished trials the study should hold")  # fmt: skip
+@EPOCHS
+@SET
+@STORAGE
+@WORKERS
+@click.option("--sampler", type=click.Choice(["tpe", "grid", "gp"]), default="tpe", show_default=True)
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "none"]), default="median", show_default=True)
+@click.option("--range", "lr_range", nargs=2, type=float, default=(1e-4, 1e-2), show_default=True, metavar="LOW HIGH",
+              help="learning-rate range, searched log-uniformly")  # fmt: skip
+@click.option("--search-warmup", is_flag=True, help="also search the warm-up length (0-200 steps)")
+@click.option("--experiment", default=None, help="MLflow experiment (default: lr-search-PRESET)")
+@TRACKING
+@DEVICE
+@CHECKPOINT_DIR
+@_grace("trial")
+def lr_search(preset, data, variant, trials, epochs, overrides, storage, workers, sampler, pruner, lr_range,
+              search_warmup, experiment, tracking_uri, device, checkpoint_dir, grace):  # fmt: skip
+    """Search the learning rate with Optuna (objective: validation bits/dim), each trial an MLflow run."""
+    import pandas as pd
+
+    from study.sweep import lrsearch
+
+    base = _config(preset, data, tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ()))
+    try:
+        search = lrsearch.make_search(base, preset, variant, trials, lr_range[0], lr_range[1], sampler, pruner,
+                                      storage=storage, tracking_uri=tracking_uri, experiment=experiment,
+                                      checkpoint_root=Path(checkpoint_dir), device=device, search_warmup=search_warmup,
+                                      grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
+    except ConfigError as e:
+        _fail(str(e))
+    _check_storage(storage)
+    _check_store(tracking_uri)
+    try:
+        frame, best = lrsearch.run(search, workers, echo=click.echo)
+    except ConfigError as e:
+        _fail(str(e))
+    except KeyboardInterrupt as e:
+        _interrupted(e, "run the same command again to continue the search")
+    click.echo(pd.DataFrame(frame).drop(columns=["mlflow_run_id", "duplicate"]).to_string(index=False))
+    pruned = int((frame["state"] == "PRUNED").sum())
+    if best is None:
+        click.echo(f"no trial completed ({pruned} pruned)")
+    else:
+        click.echo(f"best: lr {best['lr']:.4g} -> validation {best['value']:.4f} bits/dim (trial {int(best['trial'])}, "
+                   f"{len(frame)} trials, {pruned} pruned); use it with --set train.lr={best['lr']:.4g}")  # fmt: skip
+
+
+@cli.command()
+@click.option("--experiment", default=None, help="the study's MLflow experiment (default: the store's only study)")
+@TRACKING
+@click.option("--out", default="report", show_default=True, type=click.Path(), help="folder for README.md and figures/")
+@click.option("--window", type=click.IntRange(min=1), default=40, show_default=True,
+              help="last-N-epoch window of the validation statistic (the seed report's: 40)")  # fmt: skip
+@click.option("--data", default=None, help="where the diagnosis and audit find the runs' data, if not where they were")
+@click.option("--audit/--no-audit", default=True, show_default=True, help="run the diagnosis and accounting audit")
+@click.option("--lr-experiment", default=None, help="MLflow experiment of the lr searches (default: lr-search-PRESET)")
+def report(experiment, tracking_uri, out, window, data, audit, lr_experiment):
+    """Regenerate the report (tables, figures, diagnosis, audit) from a study's MLflow runs."""
+    from analysis.collect import NoRunsError, only_study
+    from analysis.report import generate_report
+    from study.data import DataError, parse_data_spec
+
+    uri = _check_store(tracking_uri, must_exist=True)
+    try:
+        experiment = experiment or only_study(uri)
+        override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
+        args = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("run_study.py") else "report"
+        path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
+                               command=f"python run_study.py {args}", lr_experiment=lr_experiment)  # fmt: skip
+    except (NoRunsError, DataError) as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--run", "run_id", required=True, help="MLflow run id whose last checkpoint to evaluate")
+@click.option("--data", default=None, help="patches | npz:DIR | cifar10:DIR (default: the run's own data)")
+@click.option("--split", type=click.Choice(["val", "test", "train"]), default="test", show_default=True)
+@click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
+              help="eval: batch norm's running statistics; train: each batch's own")  # fmt: skip
+@click.option("--bn-recalibrate", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="re-estimate batch-norm running statistics from N training batches first")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=1), default=None, help="evaluation batch (default: the run's)")
+@click.option("--log/--no-log", default=True, show_default=True, help="record the result on the run")
+@TRACKING
+def evaluate(run_id, data, split, mode, bn_recalibrate, batch, log, tracking_uri):
+    """Evaluate a run's checkpoint on any data and split, in eval or train mode: bits/dim +- its
+    standard error over images, logged to the run under a name that states data, split and mode."""
+    from study.data import DataError
+    from study.run.evaluation import evaluate_run
+
+    _check_store(tracking_uri, must_exist=True)
+    try:
+        r = evaluate_run(run_id, tracking_uri, data, split, mode, bn_recalibrate, batch, log)
+    except (ValueError, DataError) as e:
+        _fail(str(e))
+    recal = f", batch norm re-estimated from {r.recalibrate} training batches" if r.recalibrate else ""
+    click.echo(f"run {run_id}: {r.split} split of {r.data} data, {r.mode} mode{recal}: {r.bpd:.4f} +- {r.se:.4f} "
+               f"bits/dim (standard error over {r.n} images)" + (f"; logged as {r.metric}" if log else ""))
+
+
+@cli.command()
+@TRACKING
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+def ui(tracking_uri, port):
+    """Serve the MLflow UI for the study's store on 127.0.0.1; Ctrl-C, SIGTERM or SIGHUP stop it."""
+    from study.tracking import serve_ui
+
+    _check_store(tracking_uri, must_exist=True)
+    try:
+        serve_ui(tracking_uri, port, echo=click.echo)
+    except ValueError as e:
+        _fail(str(e))
+    except KeyboardInterrupt as e:  # the server and its workers are stopped
+        sys.exit(signals.exit_code(e))
+
+
+@cli.command()
+@click.option("--run", "run_id", required=True, help="MLflow run id whose checkpoint to sample from")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("-n", "--num", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
+@click.option("--out", default=None, type=click.Path(), help="PNG to write (default: samples-RUN-tT.png)")
+@TRACKING
+def sample(run_id, temperature, num, out, tracking_uri):
+    """Write a grid of samples from a run's last checkpoint."""
+    from study.run.state import sample_from_run
+
+    _check_store(tracking_uri, must_exist=True)
+    try:
+        path = sample_from_run(run_id, tracking_uri, temperature, num, out)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(f"wrote {path}")
+
+
+def _bench_sizes() -> list[str]:
+    from experiments.presets import model_sizes
+
+    return list(model_sizes())
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(_bench_sizes()), default="demo", show_default=True,
+              help="the model size to time: a preset's, or bench's extra 'small'")  # fmt: skip
+@DEVICE
+@click.option("--amp", type=click.Choice(["off", "fp16", "bf16"]), default="off", show_default=True)
+@click.option("--channels-last", is_flag=True)
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile log_prob (a cold compile takes ~1 min)")
+@click.option("--compile-mode", type=click.Choice(["default", "reduce-overhead", "max-autotune"]), default="default",
+              show_default=True, help="with --compile; reduce-overhead adds CUDA graphs on a GPU")  # fmt: skip
+@click.option("--model", "arch", type=click.Choice(["ours", "usual-repro"]), default="ours", show_default=True,
+              help="usual-repro: the usual PyTorch reproduction's s/t net shape (the targets' baseline)")  # fmt: skip
+@click.option("--batch", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="timed steps after 2 warm-up steps")  # fmt: skip
+@click.option("--matrix", is_flag=True, help="usual-repro fp32, then ours in each amp x channels_last, in one table")
+@click.option("--log", "log_", is_flag=True, help="record the table as an MLflow run (experiment 'bench')")
+@TRACKING
+def bench(preset, device, amp, channels_last, compile_, compile_mode, arch, batch, steps, matrix, log_, tracking_uri):
+    """Time the training step and the evaluation pass; print images/s, GFLOP/s and peak memory."""
+    from bench import timing as b
+
+    if log_:
+        _check_store(tracking_uri)
+    mode = compile_mode if compile_ else "off"
+    try:
+        if matrix:
+            results = b.matrix(preset, device, batch, steps, mode)
+        else:
+            results = [b.bench(preset, device, amp, channels_last, mode, batch, steps, arch=arch)]
+    except (ConfigError, ValueError) as e:
+        _fail(str(e))
+    click.echo(b.table(results).to_string(index=False))
+    click.echo(f"machine: {b.machine(results[0].device)}")
+    if log_:
+        click.echo(f"logged as MLflow run {b.log_results(results, tracking_uri)}")
+
+
+def main() -> None:
+    cli(prog_name="run-study")

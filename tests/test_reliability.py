@@ -1,0 +1,261 @@
+"""One owner per run, every stop recorded, every bad input refused before anything is written, and
+SIGKILL at random moments across a run's life never costs an epoch or a duplicate."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_overrides
+from tests.test_training import history, spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def _snapshot(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def _bad_npz(folder: Path) -> str:
+    """A folder with a garbage *train*.npz and a *test*.npz holding no images."""
+    folder.mkdir()
+    (folder / "x_train.npz").write_bytes(b"not a zip at all")
+    np.savez(folder / "x_test.npz", images=np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    return str(folder)
+
+
+def _empty_test(folder: Path) -> str:
+    folder.mkdir()
+    np.savez(folder / "x_train.npz", images=np.zeros((40, 32, 32, 3), dtype=np.uint8))
+    np.savez(folder / "x_test.npz", images=np.zeros((0, 32, 32, 3), dtype=np.uint8))
+    return str(folder)
+
+
+BAD = [  # (arguments, what the one line says); {tmp} is the test's folder
+    (["train", "--set", "model.num_scales=6"], "does not fit 32x32 images"),
+    (["train", "--set", "model.depth=3"], "unknown config key 'model.depth'"),
+    (["train", "--set", "train.epochs=many"], "expected an integer"),
+    (["train", "--set", "train.lr=inf"], "train.lr=inf: must be a finite number"),
+    (["train", "--set", "data.val_fraction=0"], "the validation split is empty"),
+    (["train", "--preset", "imagenet"], "'imagenet' is not one of"),
+    (["train", "--data", "npz:missing-folder"], "is not a folder"),
+    (["train", "--data", "npz:{tmp}/garbage"], "is not an .npz archive"),
+    (["train", "--data", "npz:{tmp}/emptytest"], "the test split is empty"),
+    (["train", "--variant", "nope"], "unknown variant 'nope'"),
+    (["train", "--variant", "paper", "--set", "stabilizers.scale_fn=exp"], "contradicts variant 'paper'"),
+    (["train", "--tracking-uri", "foo://bar"], "use sqlite:///PATH.db"),
+    (["train", "--tracking-uri", "store.db"], "is a path or file store"),
+    (["train", "--tracking-uri", "file:///{tmp}/mlruns"], "is a path or file store"),
+    (["train", "--tracking-uri", "sqlite:////nonexistent/dir/x.db"], "folder /nonexistent/dir does not exist"),
+    (["train", "--tracking-uri", "http://127.0.0.1:9"], "no MLflow server answers within 3 s"),
+    (["train", "--resume", "deadbeef"], "no such store"),
+    (["ablation", "stabilizers", "--storage", "foo://bar", "--tracking-uri", "sqlite:///{tmp}/m.db"], "--storage 'foo://bar'"),
+    (["ablation", "stabilizers", "--storage", "sqlite:////nonexistent/o.db"], "folder /nonexistent does not exist"),
+    (["ablation", "stabilizers", "--grace", "-5"], "Invalid value for '--grace'"),
+    (["lr-search", "--sampler", "random"], "'random' is not one of"),
+    (["report", "--tracking-uri", "sqlite:///{tmp}/missing.db"], "no such store"),
+    (["ui", "--tracking-uri", "sqlite:///{tmp}/missing.db"], "no such store"),
+    (["evaluate", "--run", "x", "--tracking-uri", "sqlite:///{tmp}/missing.db"], "no such store"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, args, message):
+    from click.testing import CliRunner
+
+    import run_study
+
+    if any("garbage" in a for a in args):
+        _bad_npz(tmp_path / "garbage")
+    if any("emptytest" in a for a in args):
+        _empty_test(tmp_path / "emptytest")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = _snapshot(tmp_path)
+    start = time.perf_counter()
+    out = CliRunner().invoke(run_study.cli, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert out.exit_code == 2 and isinstance(out.exception, SystemExit), (out.output, out.exception)
+    assert message in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+    assert _snapshot(tmp_path) == before  # no store, no checkpoint folder, no file
+    assert time.perf_counter() - start < 30
+
+
+def test_bad_input_through_the_real_entry_point_has_no_traceback(tmp_path):
+    for args, message in (BAD[0], BAD[11]):
+        out = _run(tmp_path, *args)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+        assert out.stderr.strip().count("\n") == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_truncated_checkpoint_warns_in_one_line(store, tmp_path):
+    from study.run import checkpoint
+
+    checkpoint.save(tmp_path / "c", {"epoch": 1})
+    checkpoint.save(tmp_path / "c", {"epoch": 2})
+    (tmp_path / "c" / checkpoint.LAST).write_bytes(b"\x80\x02truncated")
+    code = ("import warnings, sys; from study.cli import _one_line_warning; warnings.formatwarning = _one_line_warning;"
+            f"from study.run import checkpoint; from pathlib import Path; print(checkpoint.load(Path({str(tmp_path / 'c')!r}))[0]['epoch'])")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "1" and out.stderr.strip().startswith("warning: checkpoint")
+    assert out.stderr.strip().count("\n") == 0  # no source line
+
+
+# --- one owner per run -------------------------------------------------------------------------------
+
+
+def _train_cmd(store, tmp_path, epochs=4, faults=()):
+    entry = [str(ROOT / "tests" / "faults.py"), *faults, "--"] if faults else [str(ROOT / "run_study.py")]
+    return [sys.executable, *entry, "train", "--preset", "demo", "--tracking-uri", store, "--experiment", "own",
+            "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu", *tiny_overrides(**{"train.epochs": epochs})]  # fmt: skip
+
+
+def _start(cmd, tmp_path):
+    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(proc, prefix: str) -> None:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"no line starting {prefix!r}: {proc.stderr.read()}")
+
+
+def test_a_second_process_on_a_live_run_is_refused_and_a_dead_owner_is_taken_over(store, tmp_path):
+    slow = ["slow-save=0.5"]  # the first run is still training when the second one starts
+    first = _start(_train_cmd(store, tmp_path, epochs=12, faults=slow), tmp_path)
+    _wait_for(first, "epoch 1/12")
+    second = subprocess.run(_train_cmd(store, tmp_path, epochs=12), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert second.returncode == 2 and "is being trained by" in second.stderr
+    assert f"{socket.gethostname()}:{first.pid}" in second.stderr and second.stderr.strip().count("\n") == 0
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    third = subprocess.run(_train_cmd(store, tmp_path, epochs=12), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert third.returncode == 0, third.stderr
+    assert "taking over run" in third.stdout and f":{first.pid}" in third.stdout
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("own").experiment_id])
+    assert run.info.status == "FINISHED" and [s for s, _ in history(client, run.info.run_id, "val_bpd")] == list(range(1, 13))
+    assert run.data.tags["owner_heartbeat"] == "0"  # released at the end
+
+
+# --- every stop recorded ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_end_a_run_like_ctrl_c(store, tmp_path, sig):
+    proc = _start(_train_cmd(store, tmp_path), tmp_path)
+    _wait_for(proc, "epoch 1/4")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"interrupted by {signal.Signals(sig).name}" in err and "run the same command again" in err
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("own").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["outcome"] == "interrupted"
+    assert run.data.tags["interrupted_by"] == signal.Signals(sig).name
+    resumed = subprocess.run(_train_cmd(store, tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resuming run" in resumed.stdout, resumed.stderr
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
+    assert client.get_run(run.info.run_id).data.tags["outcome"] == "completed"
+
+
+def test_sigterm_to_an_ablation_stops_its_workers_and_records_their_runs(store, tmp_path):
+    cmd = [sys.executable, str(ROOT / "run_study.py"), "ablation", "stabilizers", "--preset", "demo", "--seeds", "1",
+           "--only", "seed-report", "--only", "paper", "--workers", "2", "--tracking-uri", store, "--storage",
+           f"sqlite:///{tmp_path / 'optuna.db'}", "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu",
+           "--experiment", "abl", "--grace", "3", *tiny_overrides(**{"train.epochs": 4, "data.train_limit": 64})]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    _wait_for(proc, "[worker")
+    for line in proc.stdout:
+        if "epoch 1/4" in line:
+            break
+    proc.send_signal(signal.SIGTERM)  # to the coordinator only, as Slurm or docker stop would
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 143, out
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("abl").experiment_id])
+    cells = [r for r in runs if "variant" in r.data.tags and r.data.tags.get("kind") is None]
+    assert cells and all(r.info.status != "RUNNING" for r in runs)  # nothing left RUNNING
+    assert any(r.data.tags.get("outcome") == "interrupted" for r in cells)
+
+
+def test_sigterm_to_ui_stops_the_server_and_its_workers(store, tmp_path):
+    mlflow.MlflowClient(store).create_experiment("x")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), "ui", "--tracking-uri", store, "--port",
+                             str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise AssertionError("the UI never answered")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert f"http://127.0.0.1:{port}/#/experiments/" in out  # a direct link to the study's runs
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+    try:  # nothing of its process group is left
+        os.killpg(proc.pid, 0)
+        leftover = True
+    except ProcessLookupError:
+        leftover = False
+    assert not leftover
+
+
+# --- SIGKILL at random moments ------------------------------------------------------------------------
+
+
+def test_sigkill_at_random_moments_never_costs_an_epoch(store, tmp_path):
+    """A 30-epoch run SIGKILLed at 20 seeded random moments of its training (epochs, evaluations,
+    checkpoint writes and MLflow logging, which faults slow down so that kills often land there),
+    resumed each time: every epoch is logged once and the result equals an uninterrupted run's."""
+    from study.run import train
+
+    epochs, rng = 30, random.Random(2026)
+    cmd = _train_cmd(store, tmp_path, epochs=epochs, faults=["slow-save=0.15", "slow-log=0.15"])
+    client = mlflow.MlflowClient(store)
+    for _ in range(20):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # it is training: it resumed, or finished its first epoch
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, "the run finished before 20 kills: give it more epochs"
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("own").experiment_id])
+    assert run.info.status == "FINISHED"  # no run left RUNNING
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == list(range(1, epochs + 1))  # each once
+    reference = train(spec(store, tmp_path / "ref", experiment="ref", **{"train.epochs": epochs}))
+    assert history(client, run.info.run_id, "val_bpd") == history(client, reference.run_id, "val_bpd")
+    assert history(client, run.info.run_id, "train_bpd") == history(client, reference.run_id, "train_bpd")
+    assert client.get_run(run.info.run_id).data.metrics["test_bpd"] == reference.test_bpd
