@@ -348,8 +348,8 @@ def serve_ui(uri: str | None, port: int, echo=print) -> None:
     experiments = [e for e in mlflow.MlflowClient(uri).search_experiments() if e.name != "Default"]
     proc = subprocess.Popen(ui_command(uri, port), start_new_session=True)
     echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
-    for e in sorted(experiments, key=lambda e: e.name):
-        echo(f"  {e.name}: http://127.0.0.1:{port}/#/experiments/{e.experiment_id}/runs")
+    for e in sorted(experiments, key=lambda e: e.name):  # straight into the model-training view, not GenAI's
+        echo(f"  {e.name}: http://127.0.0.1:{port}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
     try:
         proc.wait()
     except KeyboardInterrupt:
