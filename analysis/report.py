@@ -236,7 +236,9 @@ def _families(st: Study) -> list[str]:
              "(positive = worse), 95% Student-t interval of the mean difference, paired t p, and Holm's step-down "
              "adjustment within the family (family-wise error 5%). *acted* comes from the activity metrics and from "
              "bit-identical results alone (a switch that never acted reads *did not act*, never *no effect*). *could see*: "
-             "the smallest mean difference detectable with 80% power at this n and spread.", ""]  # fmt: skip
+             "the smallest mean difference detectable with 80% power at this n and spread. *failed*: runs that did not finish "
+             "with a finite test value, variant · comparator, with Fisher's exact p (two-sided) and its Holm adjustment "
+             "within the family where any run failed.", ""]  # fmt: skip
     for fam in families(st.study):
         rows = c[c["family"] == fam.name]
         if rows.empty:
@@ -250,6 +252,11 @@ def _families(st: Study) -> list[str]:
             "p": rows["p_value"].map(_p), "Holm p": rows["p_holm"].map(_p), "could see": rows["mde"].map(_fmt),
             "diverged (v/c)": [f"{a}/{b} · {c_}/{d}" for a, b, c_, d in zip(rows["variant_diverged"], rows["variant_runs"],
                                                                             rows["comparator_diverged"], rows["comparator_runs"], strict=True)],
+            "failed (v/c), Fisher p [Holm]": [
+                f"{r.variant_runs - r.variant_finished}/{r.variant_runs} · "
+                f"{r.comparator_runs - r.comparator_finished}/{r.comparator_runs}"
+                + (f", {_p(r.fail_p)} [{_p(r.fail_p_holm)}]" if math.isfinite(r.fail_p) else "")
+                for r in rows.itertuples()],
             "verdict": rows["verdict"],
         })  # fmt: skip
         lines += [f"### {fam.name}: {fam.question}", "", _md(table), ""]

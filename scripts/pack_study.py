@@ -11,7 +11,8 @@ In place, on STUDY_DIR/mlflow.db and STUDY_DIR/mlartifacts/:
   latents, 4x4) to keep the repository small; other grids and logged reports are dropped;
 - checkpoints are kept only for the runs the report loads (analysis.diagnosis.checkpoint_runs), as
   model weights with their config and history (no optimizer state), and dropped for every other run;
-- the local checkpoints/ folder (absolute paths of the machine that trained) is not committed.
+- the local checkpoints/ folder (absolute paths of the machine that trained) is not committed;
+- every experiment is tagged for MLflow's model-training view (a store made before the tag existed).
 Prints what it kept and the size of what will be committed.
 """
 
@@ -50,12 +51,15 @@ def main(study_dir: Path) -> None:
 
     from analysis.diagnosis import checkpoint_runs
     from study import schema
-    from study.tracking import relocate_artifacts
+    from study.tracking import EXPERIMENT_KIND, relocate_artifacts
 
     db = study_dir / "mlflow.db"
     client = mlflow.MlflowClient(f"sqlite:///{db.resolve()}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=50_000)]
     keep_ckpt = checkpoint_runs(runs)
+    for exp in client.search_experiments():
+        if EXPERIMENT_KIND not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     print(f"relocated {relocate_artifacts(db)} artifact locations to mlflow-artifacts:/")
     art_root = study_dir / "mlartifacts"
     for exp_dir in sorted(p for p in art_root.iterdir() if p.is_dir()) if art_root.exists() else []:

@@ -296,7 +296,10 @@ def lr_search(preset, data, variant, trials, epochs, overrides, storage, workers
 @click.option("--data", default=None, help="where the diagnosis and audit find the runs' data, if not where they were")
 @click.option("--audit/--no-audit", default=True, show_default=True, help="run the diagnosis and accounting audit")
 @click.option("--lr-experiment", default=None, help="MLflow experiment of the lr searches (default: lr-search-PRESET)")
-def report(experiment, tracking_uri, out, window, data, audit, lr_experiment):
+@click.option("--log/--no-log", default=True, show_default=True,
+              help="also log the report to the study's parent run (--no-log leaves the store untouched, "
+                   "as for a committed study)")  # fmt: skip
+def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, log):
     """Regenerate the report (tables, figures, diagnosis, audit) from a study's MLflow runs."""
     from analysis.collect import NoRunsError, only_study
     from analysis.report import generate_report
@@ -308,7 +311,8 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment):
         override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
         args = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("run_study.py") else "report"
         path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
-                               command=f"python run_study.py {args}", lr_experiment=lr_experiment)  # fmt: skip
+                               command=f"python run_study.py {args}", lr_experiment=lr_experiment,
+                               log_to_parent=log)  # fmt: skip
     except (NoRunsError, DataError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")

@@ -240,3 +240,30 @@ def test_verdicts_come_from_activity_and_corrected_tests():
     assert c.loc["worse", "p_holm"] == pytest.approx(c.loc["worse", "p_value"])  # the only test in the family
     assert "did not act" in sentence(c.reset_index().iloc[0]) and "no effect" not in sentence(c.reset_index().iloc[0])
     assert "worse than `base`" in sentence(c.reset_index().iloc[1])
+
+
+def test_failing_to_train_is_compared_by_fishers_exact_test_holm_corrected():
+    """The sufficiency question (which addition makes a failing recipe train) is a comparison of failure
+    counts: Fisher's exact test on them, by hand, corrected within the family."""
+    from analysis.comparisons import family_comparisons, sentence
+    from experiments.ablation import Family
+
+    rows, hist = [], []
+    for s in range(6):  # 'fails' diverges on every seed, 'fixed' on none, 'half' on seeds 0-2
+        for name, diverged in (("fails", True), ("fixed", False), ("half", s < 3)):
+            rows.append({"run_id": f"{name}{s}", "variant": name, "seed": s,
+                         "outcome": "diverged" if diverged else "completed",
+                         "test_bpd": math.nan if diverged else 4.0 + 0.01 * s + (name == "half") * 0.1,
+                         "stabilizers.grad_clip": 100.0 if name != "fails" else 0.0})  # fmt: skip
+            hist.append({"run_id": f"{name}{s}", "epoch": 1, "val_bpd": 4.0, "clip_fraction": float(name != "fails")})
+    fam = Family("suff", "?", "fails", ("fails", "fixed", "half"))
+    c = family_comparisons(pd.DataFrame(rows), pd.DataFrame(hist), [fam]).set_index("variant")
+    # 0/6 against 6/6 failed: p = 2 / C(12, 6) = 2/924; 3/6 against 6/6: p = 2 * C(6,3)C(6,6)/C(12,9) = 40/220
+    assert c.loc["fixed", "fail_p"] == pytest.approx(2 / 924)
+    assert c.loc["half", "fail_p"] == pytest.approx(2 * 20 / 220)
+    assert c.loc["fixed", "fail_p_holm"] == pytest.approx(2 * 2 / 924)  # the smaller of two, times 2
+    assert c.loc["half", "fail_p_holm"] == pytest.approx(40 / 220)
+    text = sentence(c.reset_index().iloc[0])
+    assert "Failed to train: 0/6 runs against 6/6" in text and "a detectable difference" in text
+    assert "not detectable" in sentence(c.reset_index().iloc[1])
+    assert math.isnan(family_comparisons(*_family_runs(), [Family("f", "?", "base", ("base", "worse"))])["fail_p"][0])

@@ -1,5 +1,6 @@
 """The MLflow UI in a real browser: headless Chromium shows the experiment and a run's metric."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -24,6 +25,16 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,45 +53,29 @@ def _wait_for(url: str, seconds: float = 90) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
-def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
+@contextlib.contextmanager
+def _ui_page(store: str, cwd: Path):
+    """`run_study.py ui` on STORE and a headless Chromium page; yields (base URL, page, the command's
+    first line). On leaving, Ctrl-C stops the command, which must say so and exit 130 (128 + SIGINT)."""
     from playwright.sync_api import sync_playwright
 
-    result = train(spec(store, tmp_path, experiment="ui-check", **{"train.epochs": 2}))
     port = _free_port()
     ui = subprocess.Popen(
         [sys.executable, str(ROOT / "run_study.py"), "ui", "--tracking-uri", store, "--port", str(port)],
-        cwd=tmp_path,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
     try:
-        assert f"http://127.0.0.1:{port}" in ui.stdout.readline()
+        first = ui.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first
         _wait_for(f"http://127.0.0.1:{port}/health")
         ARTIFACTS.mkdir(exist_ok=True)
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                ],
-            )
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/#/experiments")
-            page.get_by_text("ui-check").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "mlflow-ui-experiments.png"))
-            exp_id = __import__("mlflow").MlflowClient(store).get_experiment_by_name("ui-check").experiment_id
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs/{result.run_id}")
-            metric = page.get_by_text("val_bpd").first
-            metric.wait_for(timeout=60_000)
-            metric.scroll_into_view_if_needed()
-            page.screenshot(path=str(ARTIFACTS / "mlflow-ui-run-metrics.png"))
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield f"http://127.0.0.1:{port}", browser.new_page(viewport={"width": 1400, "height": 900})
             browser.close()
     finally:
         ui.send_signal(signal.SIGINT)  # what Ctrl-C sends: the command stops the server cleanly
@@ -89,5 +84,75 @@ def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)
             raise
-    assert ui.returncode == 130 and "MLflow UI stopped" in out  # Ctrl-C: 128 + SIGINT
+    assert ui.returncode == 130 and "MLflow UI stopped" in out
+
+
+def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
+    import mlflow
+
+    result = train(spec(store, tmp_path, experiment="ui-check", **{"train.epochs": 2}))
+    exp_id = mlflow.MlflowClient(store).get_experiment_by_name("ui-check").experiment_id
+    with _ui_page(store, tmp_path) as (base, page):
+        # the link the command prints opens the model-training view, not MLflow 3's GenAI one
+        page.goto(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+        page.get_by_text("ui-check").first.wait_for(timeout=60_000)
+        page.get_by_text("Model registry").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-experiments.png"))
+        page.goto(f"{base}/#/experiments/{exp_id}/runs/{result.run_id}")
+        metric = page.get_by_text("val_bpd").first
+        metric.wait_for(timeout=60_000)
+        metric.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-run-metrics.png"))
     assert (ARTIFACTS / "mlflow-ui-run-metrics.png").stat().st_size > 10_000
+
+
+COMMITTED = sorted(p.parent for p in (ROOT / "studies").glob("*/mlflow.db"))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed study in studies/")
+def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sample_grids(tmp_path):
+    """What a fresh clone sees of the committed study, copied to a new place: the study in the
+    model-training view, its parent run expanding to the nested runs, one run's val_bpd chart, and
+    that run's sample grid (artifact locations resolve against the store's own folder,
+    scripts/pack_study.py)."""
+    import mlflow
+
+    from study import schema
+    from study.tracking import local_artifact_dir
+
+    study = tmp_path / "elsewhere" / COMMITTED[0].name
+    shutil.copytree(COMMITTED[0], study)
+    store = f"sqlite:///{study / 'mlflow.db'}"
+    client = mlflow.MlflowClient(store)
+    exp = next(e for e in client.search_experiments() if e.name.startswith("stabilizers-"))
+    # the sample grids the packed study keeps, found on disk the way the report finds them
+    grids = {}
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
+        folder = local_artifact_dir(r.info.artifact_uri, store)
+        grids[r.info.run_id] = (r.info.run_name, sorted((folder / schema.SAMPLES_DIR).glob("*.png")) if folder else [])
+    assert all(files for _, files in grids.values()), "a finished run of the committed study has no sample grid"
+    run_id, (run_name, files) = next(iter(grids.items()))
+    grid = f"{schema.SAMPLES_DIR}/{files[-1].name}"
+    runs_page = f"#/experiments/{exp.experiment_id}/runs"
+    with _ui_page(store, tmp_path) as (base, page):
+        page.goto(f"{base}/{runs_page}?workflowType=machine_learning")
+        page.get_by_text("Model registry").first.wait_for(timeout=60_000)  # the model-training view
+        expand = page.locator("button[data-component-id*='runnamecellrenderer']").first  # the parent's [+]
+        expand.wait_for(timeout=60_000)
+        links = f"document.querySelectorAll(\"a[href*='{runs_page}/']\").length"
+        assert page.evaluate(links) == 1  # the study's parent run alone, its cells folded in
+        expand.click()
+        page.wait_for_function(f"{links} > 2", timeout=60_000)  # the nested runs
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-committed-runs.png"))
+        page.goto(f"{base}/{runs_page}/{run_id}/model-metrics")
+        search = page.get_by_placeholder("Search metric charts")  # charts render lazily, val_bpd is far down
+        search.wait_for(timeout=60_000)
+        search.fill("val_bpd")
+        page.get_by_text(f"{run_name} (val_bpd)").first.wait_for(timeout=60_000)  # the chart's legend
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-committed-val-bpd.png"))
+        page.goto(f"{base}/{runs_page}/{run_id}/artifacts/{grid}")
+        image = page.locator("img[src^='blob:']").first  # the grid, fetched through the server
+        image.wait_for(timeout=60_000)
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-committed-sample-grid.png"))
+        assert page.get_by_text(grid).count() > 0 and page.get_by_text("No Artifacts Recorded").count() == 0

@@ -1,0 +1,54 @@
+"""The committed reports regenerate byte-identically from the committed studies, as a fresh clone
+anywhere on disk would run them: each report names the command that made it, and running that
+command in a copy of the studies at another place must rewrite every file identically."""
+
+import filecmp
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REPORTS = sorted(p.parent for p in (ROOT / "report").rglob("README.md"))
+
+
+def _command(readme: Path) -> list[str]:
+    m = re.search(r"Generated from MLflow by `python run_study\.py ([^`]+)`", readme.read_text())
+    assert m, f"{readme} does not name the command that generated it"
+    return shlex.split(m.group(1))
+
+
+def _files(folder: Path) -> set[str]:
+    """The report's own files: a report nested inside it (report/factorial/) is its own case."""
+    nested = [r for r in REPORTS if r != folder and r.is_relative_to(folder)]
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")
+            if p.is_file() and not any(p.is_relative_to(r) for r in nested)}  # fmt: skip
+
+
+@pytest.mark.parametrize("report", REPORTS, ids=[str(p.relative_to(ROOT)) for p in REPORTS])
+def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_path):
+    args = _command(report / "README.md")
+    if any("../shared" in a for a in args) and not (SHARED / "data").exists():
+        pytest.skip("the committed study's data (../shared/data) is not beside this checkout")
+    assert "--no-log" in args, "a committed report must not write into the committed store"
+    clone = tmp_path / "somewhere" / "clone"
+    store = Path(re.sub(r"^sqlite:///", "", args[args.index("--tracking-uri") + 1]))
+    assert not store.is_absolute(), "a committed report must name its store relative to the checkout"
+    shutil.copytree(ROOT / store.parent, clone / store.parent)
+    (clone.parent / "shared").symlink_to(SHARED)  # ../shared, as beside any checkout
+    before = {p: p.stat().st_mtime_ns for p in (clone / store.parent).rglob("*") if p.is_file()}
+    out = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=clone,
+                         capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    made = clone / args[args.index("--out") + 1]
+    made_files = {str(p.relative_to(made)) for p in made.rglob("*") if p.is_file()}
+    assert made_files == _files(report)
+    _, mismatch, errors = filecmp.cmpfiles(report, made, sorted(_files(report)), shallow=False)
+    assert not mismatch and not errors, f"differ from the committed report: {mismatch + errors}"
+    after = {p: p.stat().st_mtime_ns for p in (clone / store.parent).rglob("*") if p.is_file()}
+    assert after == before, "regenerating the report changed the committed study's files"
