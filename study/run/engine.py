@@ -99,11 +99,18 @@ def _open_store(spec: RunSpec, resume_run_id: str | None, splits: ImageSplits | 
 
 
 def _checkpoint_dir(spec: RunSpec, existing) -> Path:
-    """A run's checkpoint folder; a run killed right after its creation has no tag for it yet."""
+    """A run's checkpoint folder; a run killed right after its creation has no tag for it yet. A folder
+    that is not on this machine (the run was started on another one, whose disk this one cannot see)
+    is replaced by one under this machine's checkpoint root: the run then starts again from scratch,
+    and its epochs already in MLflow are re-trained but not logged twice (a seed's training is
+    deterministic, so on like hardware they come out the same)."""
     recorded = existing.data.tags.get(schema.CHECKPOINT_DIR)
-    if recorded:
+    if recorded and Path(recorded).exists():
         return Path(recorded)
     ckpt_dir = (spec.checkpoint_root / spec.experiment / existing.info.run_id).resolve()
+    if recorded:
+        spec.echo(f"warning: run {existing.info.run_id}'s checkpoints ({recorded}) are not on this machine; "
+                  f"training it again from scratch with checkpoints in {ckpt_dir}")  # fmt: skip
     RunLogger(existing.info.run_id).tags({schema.CHECKPOINT_DIR: ckpt_dir})
     return ckpt_dir
 
