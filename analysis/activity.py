@@ -81,10 +81,11 @@ def acted(runs: pd.DataFrame, history: pd.DataFrame, variant: str, against: str,
         return True, "structural: " + ", ".join(r["switch"].split(".", 1)[1] for r in rows if r["metric"] is None)
     measured = [r for r in rows if r["metric"] is not None]
     if any(r["acted"] for r in measured):
-        return True, "; ".join(f"{r['metric']} up to {_fmt(r['level'])}" for r in measured if r["acted"])
-    return False, "; ".join(f"{r['metric']} at most {_fmt(r['level'])} in every epoch"
+        # two switches read by one metric (s_clamp and its kind) say it once
+        return True, "; ".join(dict.fromkeys(f"{r['metric']} up to {_fmt(r['level'])}" for r in measured if r["acted"]))
+    return False, "; ".join(dict.fromkeys(f"{r['metric']} at most {_fmt(r['level'])} in every epoch"
                             + (f" (rounding: below {schema.SWITCH_THRESHOLD[r['metric']]:g})"
-                               if r["metric"] in schema.SWITCH_THRESHOLD else "") for r in measured)  # fmt: skip
+                               if r["metric"] in schema.SWITCH_THRESHOLD else "") for r in measured))  # fmt: skip
 
 
 def _fmt(x: float) -> str:

@@ -55,40 +55,95 @@ def failure_effects(runs: pd.DataFrame, factors=FACTORS) -> pd.DataFrame:
                      "rate difference": hi["failed"].mean() - lo["failed"].mean(), "p": float(p)})  # fmt: skip
     out = pd.DataFrame(rows)
     out["p_holm"] = holm(out["p"])
+    out.attrs["corners"] = failure_corners(runs, factors)  # the pattern behind the per-factor counts
     return out
 
 
 @dataclass
 class EffectsFit:
-    effects: pd.DataFrame  # term, effect, ci_lo, ci_hi, p, p_holm, kind (main/interaction)
+    effects: pd.DataFrame  # term, effect, ci_lo, ci_hi, p, p_holm, kind (main/interaction), given
     n: int  # runs that trained and entered the model
     df_resid: int
     estimable: bool
     why: str = ""
+    dropped: tuple[str, ...] = ()  # terms the runs that trained cannot estimate, with the reason
+
+
+def _empty_corner(data: pd.DataFrame, a: str, b: str) -> tuple[int, int] | None:
+    """The one (level of a, level of b) combination with no run in ``data``, if exactly one."""
+    present = set(zip(data[a], data[b], strict=True))
+    missing = [c for c in itertools.product((-1, 1), repeat=2) if c not in present]
+    return missing[0] if len(missing) == 1 else None
+
+
+def _level(v: int) -> str:
+    return "on" if v > 0 else "off"
 
 
 def bpd_effects(runs: pd.DataFrame, factors=FACTORS, value: str = "test_bpd") -> EffectsFit:
-    """OLS of ``value`` on main effects, two-factor interactions and seed among runs that trained."""
+    """OLS of ``value`` on main effects, two-factor interactions and seed among runs that trained.
+
+    When failures empty a corner of the design (e.g. every run with two factors off failed), some terms
+    cannot be estimated from the runs that trained. Columns are then kept greedily in the order
+    intercept, seed block, main effects, interactions, each only if it adds to the rank; a dropped
+    term is reported as not estimable, and a main effect of a factor in a dropped interaction a x b
+    whose corner is empty is the effect *given* the other factor at the level where runs trained (its
+    ``given`` column says so): never a number the data cannot determine."""
     import statsmodels.formula.api as smf
 
     data = coded(runs, factors)
     data = data[~data["failed"]].copy()
     names = [_col(f.name) for f in factors]
     terms = names + [f"{a}:{b}" for a, b in itertools.combinations(names, 2)]
-    seeds = data["seed"].nunique()
-    n_params = 1 + len(terms) + max(seeds - 1, 0)
+    seeds = sorted(data["seed"].unique())
+    columns = [np.ones(len(data))] + [(data["seed"] == s).to_numpy(float) for s in seeds[1:]]
+    kept, dropped, given = [], [], {}
+    for t in terms:
+        a, _, b = t.partition(":")
+        col = data[a].to_numpy(float) * (data[b].to_numpy(float) if b else 1.0)
+        if np.linalg.matrix_rank(np.column_stack([*columns, col])) > len(columns):
+            columns.append(col)
+            kept.append(t)
+            continue
+        label = t.replace("_", "-").replace(":", " x ")
+        corner = _empty_corner(data, a, b) if b else None
+        if corner is not None:
+            dropped.append(f"{label} (no run with `{a.replace('_', '-')}` {_level(corner[0])} and "
+                           f"`{b.replace('_', '-')}` {_level(corner[1])} trained)")  # fmt: skip
+            given[a] = f"given `{b.replace('_', '-')}` {_level(-corner[1])}"
+            given[b] = f"given `{a.replace('_', '-')}` {_level(-corner[0])}"
+        else:
+            cells = data["variant"].nunique()
+            dropped.append(f"{label} (the {cells} cells that trained cannot separate it from the terms before it)")
+    n_params = len(columns)
     if len(data) <= n_params:
         return EffectsFit(pd.DataFrame(), len(data), 0, False,
                           f"{len(data)} runs trained, fewer than the model's {n_params + 1} needed")  # fmt: skip
-    formula = f"{value} ~ " + " + ".join(terms) + (" + C(seed)" if seeds > 1 else "")
+    formula = f"{value} ~ " + " + ".join(kept) + (" + C(seed)" if len(seeds) > 1 else "")
     fit = smf.ols(formula, data=data.assign(**{value: data[value].astype(float)})).fit()
     ci = fit.conf_int(alpha=ALPHA)
     rows = [{"term": t.replace("_", "-").replace(":", " x "), "kind": "interaction" if ":" in t else "main",
              "effect": 2 * fit.params[t], "ci_lo": 2 * ci.loc[t, 0], "ci_hi": 2 * ci.loc[t, 1],
-             "p": float(fit.pvalues[t])} for t in terms]  # fmt: skip
+             "p": float(fit.pvalues[t]), "given": given.get(t, "") if ":" not in t else ""} for t in kept]  # fmt: skip
     out = pd.DataFrame(rows)
     out["p_holm"] = holm(out["p"])
-    return EffectsFit(out, len(data), int(fit.df_resid), True)
+    return EffectsFit(out, len(data), int(fit.df_resid), True, dropped=tuple(dropped))
+
+
+def failure_corners(runs: pd.DataFrame, factors=FACTORS) -> list[str]:
+    """Pairs of factors whose failures are exactly one corner: every run there failed, none elsewhere."""
+    data = coded(runs, factors)
+    if not data["failed"].any():
+        return []
+    out = []
+    for fa, fb in itertools.combinations(factors, 2):
+        a, b = _col(fa.name), _col(fb.name)
+        for la, lb in itertools.product((-1, 1), repeat=2):
+            here = (data[a] == la) & (data[b] == lb)
+            if data.loc[here, "failed"].all() and not data.loc[~here, "failed"].any():
+                out.append(f"runs failed exactly when `{fa.name}` was {_level(la)} and `{fb.name}` {_level(lb)}: "
+                           f"{int(here.sum())}/{int(here.sum())} there, 0/{int((~here).sum())} elsewhere")  # fmt: skip
+    return out
 
 
 def verdicts(fit: EffectsFit, fails: pd.DataFrame) -> dict[str, list[str]]:
@@ -115,8 +170,10 @@ def sentences(fit: EffectsFit, fails: pd.DataFrame) -> list[str]:
     lines = []
     for term in v["matter"]:
         e = eff.loc[term]
+        where = (f"among runs that trained, {e['given']} (the other corner failed)" if e.get("given")
+                 else "averaged over the other factors")  # fmt: skip
         lines.append(f"- `{term}` matters: switching it on changes test bits/dim by {e['effect']:+.3f} "
-                     f"[{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (Holm p = {_p(e['p_holm'])}), averaged over the other factors.")  # fmt: skip
+                     f"[{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (Holm p = {_p(e['p_holm'])}), {where}.")  # fmt: skip
     for term in v["interactions"]:
         e = eff.loc[term]
         lines.append(f"- `{term}` interact: {e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (Holm p = {_p(e['p_holm'])})"
@@ -126,8 +183,11 @@ def sentences(fit: EffectsFit, fails: pd.DataFrame) -> list[str]:
         f = fails.set_index("factor").loc[factor]
         lines.append(f"- `{factor}` changes whether runs train: failed {f['failed high']} on, {f['failed low']} off "
                      f"(Fisher exact, Holm p = {_p(f['p_holm'])}).")  # fmt: skip
+    lines += [f"- {c[0].upper()}{c[1:]}." for c in fails.attrs.get("corners", [])]
+    lines += [f"- Not estimable from the runs that trained: {d}." for d in fit.dropped]
     if v["nothing"]:
-        lines.append("- No detectable effect at this scale, alone or in a two-factor interaction, on bits/dim or on "
+        which = "the two-factor interactions the runs that trained could estimate" if fit.dropped else "a two-factor interaction"
+        lines.append(f"- No detectable effect at this scale, alone or in {which}, on bits/dim or on "
                      "failing to train: " + ", ".join(f"`{f}`" for f in v["nothing"]) + ".")  # fmt: skip
     return lines
 

@@ -284,12 +284,17 @@ def _factorial(st: Study) -> list[str]:
     if not fit.estimable:
         return lines + [f"Not estimable: {fit.why}.", ""]
     e = fit.effects
-    table = pd.DataFrame({"term": e["term"], "kind": e["kind"], "effect (high - low)": e["effect"].map(lambda v: f"{v:+.3f}"),
+    table = pd.DataFrame({"term": e["term"], "kind": e["kind"], "measured": e["given"].replace("", "over the others"),
+                          "effect (high - low)": e["effect"].map(lambda v: f"{v:+.3f}"),
                           "95% t": [_ci(a, b, sign=True) for a, b in zip(e["ci_lo"], e["ci_hi"], strict=True)],
                           "p": e["p"].map(_p), "Holm p": e["p_holm"].map(_p)})  # fmt: skip
     return lines + [f"OLS of test bits/dim on the factors coded -1/+1, all two-factor interactions and seed as a block, over "
                     f"the {fit.n} runs that trained ({fit.df_resid} residual degrees of freedom); Holm over all "
-                    f"{len(e)} terms. Conditioned on training: read it beside the failure table.", "", _md(table), "",
+                    f"{len(e)} terms. Conditioned on training: read it beside the failure table.", "",
+                    *([f"Not estimable from the runs that trained, so left out of the model: {'; '.join(fit.dropped)}. "
+                       "A main effect of a factor in such a pair is measured only where runs of that pair trained "
+                       "(its *measured* column).", ""] if fit.dropped else []),
+                    _md(table), "",
                     "![half-normal plot](figures/half_normal.png)", "", "![interactions](figures/interactions.png)", "",
                     "What the factorial supports:", "", *sentences(fit, fails), ""]  # fmt: skip
 

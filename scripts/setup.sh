@@ -24,7 +24,7 @@ echo "setup: .venv ready" >&2
 
 if [ "${SETUP_ONLY:-0}" != "1" ]; then
   # the main job on the embedded offline data: the stabilizer ablation at the demo preset (2 seeds),
-  # then its report in demo-report/ (report/ holds the committed cifar-cpu study)
-  .venv/bin/python run_study.py ablation stabilizers --preset demo --seeds 2
+  # then its report in demo-report/ (report/ holds the committed studies' reports)
+  .venv/bin/python run_study.py ablation stabilizers --preset demo --seeds 2 --workers 2
   exec .venv/bin/python run_study.py report --experiment stabilizers-demo --out demo-report
 fi

@@ -52,3 +52,13 @@ def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_p
     assert not mismatch and not errors, f"differ from the committed report: {mismatch + errors}"
     after = {p: p.stat().st_mtime_ns for p in (clone / store.parent).rglob("*") if p.is_file()}
     assert after == before, "regenerating the report changed the committed study's files"
+
+
+def test_the_readme_quotes_every_committed_reports_findings_verbatim():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from quote_findings import QUOTE, quoted
+
+    readme = (ROOT / "README.md").read_text()
+    named = {ROOT / m.group(1) for m in QUOTE.finditer(readme)}
+    assert named == {r / "README.md" for r in REPORTS}, "quote every committed report, and only those"
+    assert quoted(readme) == readme, "README.md's findings differ from the reports': run scripts/quote_findings.py"

@@ -70,11 +70,11 @@ def test_recorded_runs_keep_their_identity(tmp_path):
     from study.run import run_key
 
     db = tmp_path / "mlflow.db"  # a copy: opening a store may migrate its schema in place
-    shutil.copy(Path(__file__).resolve().parents[1] / "studies" / "cifar-cpu" / "mlflow.db", db)
+    shutil.copy(Path(__file__).resolve().parents[1] / "studies" / "cifar-study" / "mlflow.db", db)
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if "run_key" in r.data.tags]  # fmt: skip
-    assert len(runs) >= 33
+    assert len(runs) >= 78
     for r in runs:
         params = {k: v for k, v in r.data.params.items() if k.partition(".")[0] in SECTIONS}
         assert run_key(r.data.tags["variant"], apply_values(Config(), params)) == r.data.tags["run_key"]

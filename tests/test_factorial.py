@@ -103,3 +103,22 @@ def test_diverged_runs_enter_the_failure_analysis_and_not_the_bpd_model():
     assert "`fp16` changes whether runs train" in "\n".join(sentences(fit, failure_effects(runs)))
     with pytest.raises(KeyError):
         fit.effects.set_index("term").loc["missing"]
+
+
+def test_a_failed_corner_is_not_estimated_and_the_main_effects_say_where_they_were_measured():
+    """As in the committed study: every run with the exp scale and no clamp of s failed. The runs that
+    trained then cannot estimate softplus x clamp, and a model that pretends they can returns numbers
+    the data do not determine; what they can estimate is each factor's effect given the other on."""
+    both_off = lambda lv: lv["softplus"] < 0 and lv["clamp"] < 0  # noqa: E731
+    runs = _synthetic({"softplus": 0.2, "clamp": 0.1}, interaction=-0.3, sd=0.01, fail=both_off)
+    fit = bpd_effects(runs)
+    e = fit.effects.set_index("term")
+    assert "softplus x clamp" not in e.index and fit.dropped[0].startswith("softplus x clamp (no run with")
+    assert e.loc["softplus", "given"] == "given `clamp` on" and e.loc["clamp", "given"] == "given `softplus` on"
+    # high - low where the other is on: main effect + interaction (the planted -0.1 and -0.2)
+    assert e.loc["softplus", "effect"] == pytest.approx(-0.1, abs=0.03)
+    assert e.loc["clamp", "effect"] == pytest.approx(-0.2, abs=0.03)
+    assert e.loc["clip", "given"] == "" and abs(e.loc["clip", "effect"]) < 0.03
+    text = "\n".join(sentences(fit, failure_effects(runs)))
+    assert "failed exactly when `softplus` was off and `clamp` off: 12/12 there, 0/36 elsewhere" in text
+    assert "given `clamp` on" in text and "Not estimable from the runs that trained: softplus x clamp" in text

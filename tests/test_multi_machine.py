@@ -47,12 +47,15 @@ def cluster(tmp_path_factory):
     local_cluster.down(folder)
 
 
-def _machine(name: str, tmp_path: Path, cluster: dict, *args: str) -> subprocess.Popen:
+def _machine(name: str, tmp_path: Path, cluster: dict, *args: str, grace: int = 3) -> subprocess.Popen:
+    """One "machine": its own folder and checkpoints, the shared database and tracking server. A short
+    ``grace`` lets a lost machine's cell be retried quickly; a test that loses none keeps the default,
+    so a heartbeat delayed on a busy machine is not taken for a lost one."""
     cwd = tmp_path / name
     cwd.mkdir(exist_ok=True)
     cmd = [sys.executable, str(ROOT / "run_study.py"), *args, "--storage", cluster["storage"], "--tracking-uri",
-           cluster["tracking_uri"], "--checkpoint-dir", str(cwd / "checkpoints"), "--device", "cpu", "--grace", "3",
-           "--workers", "1"]  # fmt: skip
+           cluster["tracking_uri"], "--checkpoint-dir", str(cwd / "checkpoints"), "--device", "cpu",
+           "--grace", str(grace), "--workers", "1"]  # fmt: skip
     return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
 
@@ -112,8 +115,8 @@ def test_the_ablation_on_two_machines_runs_every_cell_once_and_survives_a_lost_m
 def test_the_lr_search_on_two_machines_takes_distinct_trials(cluster, tmp_path):
     args = ["lr-search", "--preset", "demo", "--trials", "4", "--pruner", "none", "--experiment", "multi-lr",
             *tiny_overrides(**{"train.epochs": 2, "data.train_limit": 64})]  # fmt: skip
-    a = _machine("a", tmp_path, cluster, *args)
-    b = _machine("b", tmp_path, cluster, *args)
+    a = _machine("a", tmp_path, cluster, *args, grace=30)
+    b = _machine("b", tmp_path, cluster, *args, grace=30)
     out_a, _ = a.communicate(timeout=900)
     out_b, _ = b.communicate(timeout=900)
     assert a.returncode == 0 and b.returncode == 0, (out_a, out_b)

@@ -236,6 +236,7 @@ def work(
 
     from study.data import load_splits
     from study.run import RunSpec, train
+    from study.run.ownership import OwnedError
 
     if threads:
         torch.set_num_threads(threads)
@@ -262,7 +263,12 @@ def work(
                        parent_run_id=parent_run_id, tags={schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key},
                        echo=lambda s: echo(f"[worker {worker}] {variant.name} s{seed}: {s}"),
                        progress=False, description=variant.rationale, source="run_study.py ablation")  # fmt: skip
-        return driver.record_trial(trial, train(spec, splits=splits))
+        try:
+            result = train(spec, splits=splits)
+        except OwnedError as e:  # a live process still trains this cell (its trial's heartbeat looked stale)
+            echo(f"[worker {worker}] cell {variant.name} seed {seed}: {e}; left to its owner, this trial fails")
+            raise
+        return driver.record_trial(trial, result)
 
     def stop_when_grid_is_taken(study, trial) -> None:
         nonlocal done
@@ -274,7 +280,7 @@ def work(
 
     if _grid_taken(plan, study):
         return 0
-    study.optimize(objective, callbacks=[stop_when_grid_is_taken], catch=())
+    study.optimize(objective, callbacks=[stop_when_grid_is_taken], catch=(OwnedError,))
     return done
 
 

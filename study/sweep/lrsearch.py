@@ -142,6 +142,7 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
 
     from study.data import load_splits
     from study.run import RunPruned, RunSpec, train
+    from study.run.ownership import OwnedError
 
     if threads:
         torch.set_num_threads(threads)
@@ -175,7 +176,11 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
                        on_epoch=on_epoch, evaluate_test=False, run_name=f"{search.variant}-lr{lr:.3g}-t{trial.number}",
                        description=f"learning-rate search {search.name}: trial {trial.number}, lr {lr:.4g}",
                        source="run_study.py lr-search")  # fmt: skip
-        result = train(spec, splits=splits)
+        try:
+            result = train(spec, splits=splits)
+        except OwnedError as e:  # a live process still trains this trial's run (its heartbeat looked stale)
+            echo(f"[worker {worker}] trial {trial.number}: {e}; left to its owner, this trial fails")
+            raise
         value = driver.record_trial(trial, result)
         if result.outcome == "pruned":
             raise optuna.TrialPruned()
@@ -198,7 +203,7 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
 
     if _finished(study) < search.trials:
         optuna.storages.fail_stale_trials(study)
-        study.optimize(objective, callbacks=[enough], catch=())
+        study.optimize(objective, callbacks=[enough], catch=(OwnedError,))
 
 
 def _worker_main(search: Search, parent: str, worker: int, threads: int) -> None:
