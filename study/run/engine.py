@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from study import distributed, schema
+from study import distributed, schema, signals
 from study.config import ConfigError, flatten, unflatten
 from study.data import ImageSplits, load_splits
 from study.model import check_fits
@@ -138,29 +138,31 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
         torch.set_num_threads(cfg.train.threads)
     # finding or creating the run and claiming it is one step: two commands started together on this
     # machine do not both create a run of one identity
-    with ownership.file_lock(spec.checkpoint_root / spec.experiment / ".locks" / f"{key}.lock", f"run identity {key}"):
-        if existing is None and not spec.fresh:
-            existing = find_run(exp_id, key)
-        done = existing is not None and existing.info.status in ("FINISHED", "FAILED")
-        if done and schema.OUTCOME in existing.data.tags:
-            outcome = existing.data.tags[schema.OUTCOME]
-            spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
-            distributed.broadcast({"done": True}, d)
-            return finished_result(existing)
-        found = None
-        if existing is not None:
-            _claimable(spec, existing)
-            run_id = existing.info.run_id
-            ckpt_dir = _checkpoint_dir(spec, existing)
-            found = checkpoint.load(ckpt_dir, map_location=device)
-            if found is not None and found[0].get("mlflow_run_id") != run_id:
-                spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
-                found = None
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
-        beat = ownership.Heartbeat(client, run_id).start()
+    run_id, beat, started = None, None, False
     try:
+        with ownership.file_lock(spec.checkpoint_root / spec.experiment / ".locks" / f"{key}.lock",
+                                 f"run identity {key}"):  # fmt: skip
+            if existing is None and not spec.fresh:
+                existing = find_run(exp_id, key)
+            done = existing is not None and existing.info.status in ("FINISHED", "FAILED")
+            if done and schema.OUTCOME in existing.data.tags:
+                outcome = existing.data.tags[schema.OUTCOME]
+                spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
+                distributed.broadcast({"done": True}, d)
+                return finished_result(existing)
+            found = None
+            if existing is not None:
+                _claimable(spec, existing)
+                run_id = existing.info.run_id
+                ckpt_dir = _checkpoint_dir(spec, existing)
+                found = checkpoint.load(ckpt_dir, map_location=device)
+                if found is not None and found[0].get("mlflow_run_id") != run_id:
+                    spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
+                    found = None
+                client.update_run(run_id, status="RUNNING")
+            else:
+                run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
+            beat = ownership.Heartbeat(client, run_id).start()
         with ownership.file_lock(ckpt_dir / ".owner.lock", f"run {run_id}"):
             st = new_state(cfg, splits.shape, device)
             if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
@@ -169,9 +171,17 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
             run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st)
             if found is not None:
                 _resume(run, st, found)
+            started = True  # from here train_to_the_end records how the run ends
             return train_to_the_end(run, st)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP while setting up: never leave the run RUNNING
+        if run_id is not None and not started:
+            log = RunLogger(run_id)
+            log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: signals.name(e)})
+            log.terminate("KILLED")
+        raise
     finally:
-        beat.stop()
+        if beat is not None:
+            beat.stop()
 
 
 def _follow(spec: RunSpec, splits: ImageSplits, d, device) -> RunResult:

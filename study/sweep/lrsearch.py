@@ -85,12 +85,17 @@ def make_search(
 
 
 def _sampler(search: Search, worker: int, existing: int = 0):
+    import os
+    import socket
+    import zlib
+
     import numpy as np
     import optuna
 
-    # distinct per worker and per invocation: one seed everywhere (or again after a restart)
-    # proposes the same random start-up points again
-    seed = 1000 + worker + 7919 * existing
+    # distinct per worker, per invocation and per machine: one seed everywhere (or again after a
+    # restart, or on two machines started together) proposes the same random start-up points again
+    machine = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+    seed = (1000 + worker + 7919 * existing + 104729 * machine) % 2**32
     if search.sampler == "grid":
         grid = [float(v) for v in np.geomspace(search.low, search.high, search.trials)]
         return optuna.samplers.GridSampler({"lr": grid}, seed=0)  # grid ids must agree across workers
