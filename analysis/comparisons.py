@@ -66,6 +66,7 @@ def family_comparisons(runs: pd.DataFrame, history: pd.DataFrame, families) -> p
                 counts[f"{arm}_runs"] = len(r)
                 counts[f"{arm}_finished"] = int((r["outcome"].isin(["completed", "recovered"])
                                                  & r[VALUE].map(math.isfinite)).sum())  # fmt: skip
+                counts[f"{arm}_failed"] = counts[f"{arm}_runs"] - counts[f"{arm}_finished"]
                 counts[f"{arm}_diverged"] = int((r["outcome"] == "diverged").sum())
             counts["fail_p"] = _fisher(counts)
             changed = switches(runs, name, against)
@@ -86,7 +87,7 @@ def _fisher(c: dict) -> float:
     either arm failed (nothing to test)."""
     from scipy.stats import fisher_exact
 
-    vf, cf = c["variant_runs"] - c["variant_finished"], c["comparator_runs"] - c["comparator_finished"]
+    vf, cf = c["variant_failed"], c["comparator_failed"]
     if vf + cf == 0:
         return math.nan
     return float(fisher_exact([[vf, c["variant_finished"]], [cf, c["comparator_finished"]]]).pvalue)
@@ -96,7 +97,7 @@ def failures(row: pd.Series) -> str:
     """Failing to train, variant against comparator, with its exact test; '' when no run failed."""
     if not math.isfinite(row["fail_p"]):
         return ""
-    vf, cf = row["variant_runs"] - row["variant_finished"], row["comparator_runs"] - row["comparator_finished"]
+    vf, cf = row["variant_failed"], row["comparator_failed"]
     holm_p = row["fail_p_holm"]
     detectable = "a detectable difference" if math.isfinite(holm_p) and holm_p <= ALPHA else "not detectable"
     return (f" Failed to train: {vf}/{row['variant_runs']} runs against {cf}/{row['comparator_runs']} for "

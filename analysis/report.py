@@ -253,8 +253,7 @@ def _families(st: Study) -> list[str]:
             "diverged (v/c)": [f"{a}/{b} · {c_}/{d}" for a, b, c_, d in zip(rows["variant_diverged"], rows["variant_runs"],
                                                                             rows["comparator_diverged"], rows["comparator_runs"], strict=True)],
             "failed (v/c), Fisher p [Holm]": [
-                f"{r.variant_runs - r.variant_finished}/{r.variant_runs} · "
-                f"{r.comparator_runs - r.comparator_finished}/{r.comparator_runs}"
+                f"{r.variant_failed}/{r.variant_runs} · {r.comparator_failed}/{r.comparator_runs}"
                 + (f", {_p(r.fail_p)} [{_p(r.fail_p_holm)}]" if math.isfinite(r.fail_p) else "")
                 for r in rows.itertuples()],
             "verdict": rows["verdict"],
