@@ -181,6 +181,47 @@ def test_two_workers_share_one_storage_without_duplicates(store, tmp_path):
     _check_grid(store, tmp_path)
 
 
+def test_machines_starting_together_create_one_parent(store, tmp_path, monkeypatch):
+    """Three "machines" prepare the same study at once, each finding no parent: exactly one creates it,
+    the others use that one. Creating is slowed by a second so that, without the claim, every one of
+    them would create its own (as two machines started 3 s apart did on a loaded host)."""
+    import threading
+    import time
+
+    import study.tracking
+    from study.sweep import driver
+
+    real_create = study.tracking.create_run
+
+    def slow_create(*args, **kwargs):
+        time.sleep(1.0)
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(study.tracking, "create_run", slow_create)
+    sweep = _plan(tmp_path, store).sweep
+    found, errors = [], []
+    start = threading.Barrier(3)
+
+    def machine():
+        try:
+            start.wait()
+            found.append(driver.prepare(sweep))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=machine) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    parents, _ = _children(store, "abl")
+    assert len(parents) == 1 and found == [parents[0].info.run_id] * 3
+    assert parents[0].info.status == "RUNNING"
+    # a later machine finds it in MLflow without the claim
+    assert driver.prepare(sweep) == parents[0].info.run_id
+
+
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(run_study.cli, ["ablation", "stabilizers", "--dry-run", "--seeds", "2"])

@@ -16,6 +16,7 @@ import run_study
 from experiments.presets import preset_config
 from study.config import ConfigError, apply_values
 from study.sweep import lrsearch
+from study.sweep.driver import CLAIM_PREFIX
 from tests.conftest import TINY_RUN, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def test_killed_search_resumes_and_two_workers_take_distinct_trials(store, tmp_p
     assert resumed.returncode == 0, out
     assert "best: lr" in out and "use it with --set train.lr=" in out
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    (summary,) = optuna.get_all_study_summaries(storage)
+    (summary,) = [s for s in optuna.get_all_study_summaries(storage) if not s.study_name.startswith(CLAIM_PREFIX)]
     study = optuna.load_study(study_name=summary.study_name, storage=storage)
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     duplicates = [t for t in study.trials if t.user_attrs.get("duplicate")]

@@ -10,6 +10,8 @@ run of the sweep's parent run. The ablation (sweep/ablation.py) and the learning
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import multiprocessing
 import os
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from study import schema
 
 MAX_RETRY = 3  # a killed worker's trial is re-queued at most this many times
+PARENT_ATTR = "mlflow_parent_run_id"  # on a sweep's parent claim study (_claim_parent)
+CLAIM_PREFIX = "mlflow-parent-"  # the claim studies' names: trial-less Optuna studies beside the sweeps
 
 
 @dataclass
@@ -85,12 +89,62 @@ def prepare(sweep: Sweep) -> str:
     optuna.create_study(study_name=sweep.study_name, storage=storage(sweep), direction=sweep.direction,
                         load_if_exists=True)  # fmt: skip
     client = mlflow.MlflowClient()
+    parent = _find_parent(sweep, exp_id) or _claim_parent(sweep, exp_id, lambda: create_run(
+        exp_id, sweep.parent_name, {**sweep.parent_tags, **sweep.extra_tags}, sweep.parent_params))  # fmt: skip
+    client.update_run(parent, status="RUNNING")
+    return parent
+
+
+def _find_parent(sweep: Sweep, exp_id: str) -> str | None:
+    import mlflow
+
     match = " and ".join(f"tags.{k} = '{v}'" for k, v in sweep.parent_tags.items())
-    parents = [r for r in client.search_runs([exp_id], filter_string=match) if schema.PARENT not in r.data.tags]
-    if parents:
-        client.update_run(parents[0].info.run_id, status="RUNNING")
-        return parents[0].info.run_id
-    return create_run(exp_id, sweep.parent_name, {**sweep.parent_tags, **sweep.extra_tags}, sweep.parent_params)
+    runs = mlflow.MlflowClient().search_runs([exp_id], filter_string=match, order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if schema.PARENT not in r.data.tags]
+    return parents[0].info.run_id if parents else None
+
+
+def _claim_parent(sweep: Sweep, exp_id: str, create: Callable[[], str], wait_s: float = 120.0) -> str:
+    """The parent run, created by exactly one of the machines that found none. Searching and then
+    creating lets two machines started together both create one (seen: two parents when the second
+    machine started 3 s after the first on a loaded host). Optuna study names are unique in the shared
+    storage, so creating a claim study is atomic: its creator makes the parent and records the run id
+    on the claim; the others wait for that id. The claim is named by the parent's identity (experiment
+    and tags), not by the grid, since several grids of one study share one parent."""
+    import optuna
+
+    identity = json.dumps([sweep.experiment, sorted(sweep.parent_tags.items())])
+    name = f"{CLAIM_PREFIX}{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
+    store = storage(sweep)
+    try:
+        claim = optuna.create_study(study_name=name, storage=store)
+    except optuna.exceptions.DuplicatedStudyError:
+        claim = None
+    if claim is not None:  # this machine won: it alone creates the parent
+        run_id = create()
+        claim.set_user_attr(PARENT_ATTR, run_id)
+        return run_id
+    deadline = time.monotonic() + wait_s
+    while True:
+        run_id = optuna.load_study(study_name=name, storage=store).user_attrs.get(PARENT_ATTR)
+        if run_id and _live(run_id):
+            return run_id
+        if run_id or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    # the parent was deleted since, or the claimant died between its claim and the parent: take over
+    run_id = _find_parent(sweep, exp_id) or create()
+    optuna.load_study(study_name=name, storage=store).set_user_attr(PARENT_ATTR, run_id)
+    return run_id
+
+
+def _live(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 def finish(sweep: Sweep, parent: str, finished: bool) -> None:
