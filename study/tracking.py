@@ -342,9 +342,18 @@ def serve_ui(uri: str | None, port: int, echo=print) -> None:
     """Run the MLflow UI in the foreground until Ctrl-C, SIGTERM or SIGHUP, then stop the server and
     every process it started (its own process group), leaving nothing listening. Prints a direct link
     to each study's runs."""
+    import importlib.metadata
+
     import mlflow
 
+    from study.config import ConfigError
+
     uri = check_tracking_uri(uri, must_exist=True)
+    try:  # mlflow-skinny (the GPU bundle's) has the client and the stores, not the server
+        importlib.metadata.version("mlflow")
+    except importlib.metadata.PackageNotFoundError:
+        why = "the MLflow UI needs the full mlflow package (this environment has only mlflow-skinny)"
+        raise ConfigError(f"{why}: pip install mlflow, or browse the store from another machine") from None
     experiments = [e for e in mlflow.MlflowClient(uri).search_experiments() if e.name != "Default"]
     proc = subprocess.Popen(ui_command(uri, port), start_new_session=True)
     echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")

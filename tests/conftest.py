@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,39 @@ from study.flows import FlowOptions
 torch.set_num_threads(1)
 
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-slices"
+
+
+# --- tools some tests drive for real ----------------------------------------------------------------
+# Each is (what is missing and how to get it, present?). Where one is absent the tests that need it
+# are skipped, loudly; in CI (.ci/run installs them all and sets CI=1) an absence is an error instead,
+# so a skip can never hide there. The GPU rehearsal's interpreter (scripts/gpu/rehearse.sh), like the
+# device image, has none of them: no mlflow server, browser driver or PostgreSQL driver travel.
+
+
+def _has_dist(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+MLFLOW_SERVER = ("the MLflow server (the full mlflow package, not mlflow-skinny): pip install mlflow",
+                 _has_dist("mlflow"))  # fmt: skip
+PLAYWRIGHT = ("playwright: pip install -e '.[dev]'", importlib.util.find_spec("playwright") is not None)
+BROWSER = ("Debian chromium: apt-get install chromium (.ci/run installs it)", Path(CHROMIUM).exists())
+PSYCOPG2 = ("the psycopg2 driver: pip install -e '.[postgres]'", importlib.util.find_spec("psycopg2") is not None)
+
+
+def needs(*tools: tuple[str, bool]) -> pytest.MarkDecorator:
+    """A skip marker for tests that need TOOLS; in CI a missing tool fails the collection instead."""
+    missing = [what for what, present in tools if not present]
+    if missing and os.environ.get("CI"):
+        raise RuntimeError(f"CI must run every test; missing {'; '.join(missing)}")
+    if missing:
+        warnings.warn(f"tests SKIPPED here: no {'; no '.join(missing)}", stacklevel=2)
+    return pytest.mark.skipif(bool(missing), reason=f"no {'; no '.join(missing)}")
 
 
 def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:

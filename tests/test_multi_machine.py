@@ -2,8 +2,9 @@
 MLflow tracking server (scripts/local_cluster.py), with two worker processes standing for two
 machines, each with its own checkpoint folder.
 
-Skipped, loudly, only where no PostgreSQL server programs exist; never in CI (.ci/run installs them
-and sets CI=1, which turns the skip into a failure).
+Skipped, loudly, only where PostgreSQL's server programs, the psycopg2 driver or the full mlflow
+package (its server) are absent; never in CI (.ci/run installs them and sets CI=1, which turns the
+skip into a failure).
 """
 
 from __future__ import annotations
@@ -15,26 +16,23 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import mlflow
 import optuna
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import MLFLOW_SERVER, PSYCOPG2, needs, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import local_cluster  # noqa: E402
 
-HAVE_PG = local_cluster.pg_bin("initdb") is not None and local_cluster.pg_bin("pg_ctl") is not None
-if not HAVE_PG:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must run the PostgreSQL tests: .ci/run installs postgresql")
-    warnings.warn("NO POSTGRESQL SERVER PROGRAMS (initdb, pg_ctl): the multi-machine tests are SKIPPED here; "
-                  "apt-get install postgresql to run them", stacklevel=1)  # fmt: skip
-pytestmark = pytest.mark.skipif(not HAVE_PG, reason="NO POSTGRESQL SERVER: apt-get install postgresql")
+pytestmark = needs(
+    ("PostgreSQL server programs (initdb, pg_ctl): apt-get install postgresql",
+     local_cluster.pg_bin("initdb") is not None and local_cluster.pg_bin("pg_ctl") is not None),
+    PSYCOPG2, MLFLOW_SERVER,
+)  # fmt: skip
 
 ONLY = ("seed-report", "paper")
 

@@ -17,7 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_overrides
+from tests.conftest import MLFLOW_SERVER, needs, tiny_overrides
 from tests.test_training import history, spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,6 +199,7 @@ def test_sigterm_to_an_ablation_stops_its_workers_and_records_their_runs(store, 
     assert any(r.data.tags.get("outcome") == "interrupted" for r in cells)
 
 
+@needs(MLFLOW_SERVER)
 def test_sigterm_to_ui_stops_the_server_and_its_workers(store, tmp_path):
     mlflow.MlflowClient(store).create_experiment("x")
     with socket.socket() as s:

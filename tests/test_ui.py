@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 
 from study.run import train
+from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, needs
 from tests.test_training import spec
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots land here (ignored by git)
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="Debian chromium is not installed (.ci/run installs it)"
-)
+pytestmark = needs(BROWSER, PLAYWRIGHT, MLFLOW_SERVER)
 
 
 CHROMIUM_ARGS = [
@@ -146,16 +144,16 @@ def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sampl
         assert page.evaluate(links) == 1  # the study's parent run alone, its cells folded in
         expand.click()
         page.wait_for_function(f"{links} > 2", timeout=60_000)  # the nested runs
-        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-committed-runs.png"))
+        page.screenshot(path=str(ARTIFACTS / f"mlflow-ui-{committed.name}-runs.png"))
         page.goto(f"{base}/{runs_page}/{run_id}/model-metrics")
         search = page.get_by_placeholder("Search metric charts")  # charts render lazily, val_bpd is far down
         search.wait_for(timeout=60_000)
         search.fill("val_bpd")
         page.get_by_text(f"{run_name} (val_bpd)").first.wait_for(timeout=60_000)  # the chart's legend
-        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-committed-val-bpd.png"))
+        page.screenshot(path=str(ARTIFACTS / f"mlflow-ui-{committed.name}-val-bpd.png"))
         page.goto(f"{base}/{runs_page}/{run_id}/artifacts/{grid}")
         image = page.locator("img[src^='blob:']").first  # the grid, fetched through the server
         image.wait_for(timeout=60_000)
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
-        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-committed-sample-grid.png"))
+        page.screenshot(path=str(ARTIFACTS / f"mlflow-ui-{committed.name}-sample-grid.png"))
         assert page.get_by_text(grid).count() > 0 and page.get_by_text("No Artifacts Recorded").count() == 0

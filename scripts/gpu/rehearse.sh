@@ -65,7 +65,7 @@ if [ "${REHEARSE_TESTS:-1}" = 1 ]; then
   echo
   echo "rehearse: the project's tests on Python 3.12 + torch 2.11, mlflow/optuna from the bundle only"
   t_tests=$SECONDS
-  PYTHONPATH=$WORK/site:$ROOT "$VENV/bin/python" -m pytest -q "$@" 2>&1 | tee gpu-check/rehearsal/pytest.log
+  PYTHONPATH=$WORK/site:$ROOT "$VENV/bin/python" -m pytest -q -n 2 "$@" 2>&1 | tee gpu-check/rehearsal/pytest.log
   tests_rc=${PIPESTATUS[0]}
   echo "rehearse: tests took $((SECONDS - t_tests)) s"
 fi
