@@ -25,6 +25,21 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _version() -> str:
+    """The installed distribution's version, or pyproject.toml's where the checkout runs uninstalled
+    (as on the GPU machine, whose check runs python run_study.py from the carried tree)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("realnvp-study")
+    except importlib.metadata.PackageNotFoundError:
+        import re  # not tomllib: Python 3.10 is supported
+
+        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+        version = re.search(r'(?m)^version = "([^"]+)"', text).group(1)
+        return f"{version} (uninstalled checkout)"
+
+
 def _interrupted(e: BaseException, again: str) -> None:
     click.echo(f"interrupted by {signals.name(e)}: {again}", err=True)
     sys.exit(signals.exit_code(e))
@@ -126,7 +141,7 @@ class _Cli(click.Group):
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="realnvp-study", prog_name="run-study")
+@click.version_option(version=_version(), prog_name="run-study")
 def cli():
     """Real NVP on CIFAR-10: which of the seed report's stabilizers does it need?"""
     signals.install()

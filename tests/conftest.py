@@ -29,7 +29,7 @@ SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar1
 # device image, has none of them: no mlflow server, browser driver or PostgreSQL driver travel.
 
 
-def _has_dist(name: str) -> bool:
+def has_dist(name: str) -> bool:
     try:
         importlib.metadata.version(name)
         return True
@@ -39,7 +39,7 @@ def _has_dist(name: str) -> bool:
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MLFLOW_SERVER = ("the MLflow server (the full mlflow package, not mlflow-skinny): pip install mlflow",
-                 _has_dist("mlflow"))  # fmt: skip
+                 has_dist("mlflow"))  # fmt: skip
 PLAYWRIGHT = ("playwright: pip install -e '.[dev]'", importlib.util.find_spec("playwright") is not None)
 BROWSER = ("Debian chromium: apt-get install chromium (.ci/run installs it)", Path(CHROMIUM).exists())
 PSYCOPG2 = ("the psycopg2 driver: pip install -e '.[postgres]'", importlib.util.find_spec("psycopg2") is not None)
@@ -47,12 +47,12 @@ PSYCOPG2 = ("the psycopg2 driver: pip install -e '.[postgres]'", importlib.util.
 
 def needs(*tools: tuple[str, bool]) -> pytest.MarkDecorator:
     """A skip marker for tests that need TOOLS; in CI a missing tool fails the collection instead."""
-    missing = [what for what, present in tools if not present]
+    missing = "; ".join(what for what, present in tools if not present)
     if missing and os.environ.get("CI"):
-        raise RuntimeError(f"CI must run every test; missing {'; '.join(missing)}")
+        raise RuntimeError(f"CI must run every test; missing: {missing}")
     if missing:
-        warnings.warn(f"tests SKIPPED here: no {'; no '.join(missing)}", stacklevel=2)
-    return pytest.mark.skipif(bool(missing), reason=f"no {'; no '.join(missing)}")
+        warnings.warn(f"tests SKIPPED here, missing: {missing}", stacklevel=2)
+    return pytest.mark.skipif(bool(missing), reason=f"missing: {missing}")
 
 
 def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import run_study
+from tests.conftest import has_dist, needs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +38,21 @@ def test_help_is_fast_and_imports_no_torch():
     assert out.stdout.strip().endswith("False")
 
 
-def test_version_and_console_script():
+def test_version_from_an_installed_package_or_a_bare_checkout(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "run_study.py"), "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("run-study, version ")
+    # a checkout nobody installed (the GPU machine runs the carried tree): pyproject.toml's version
+    code = ("import importlib.metadata as m\ndef missing(name): raise m.PackageNotFoundError(name)\n"
+            "m.version = missing\nimport run_study\nrun_study.cli(['--version'])")  # fmt: skip
+    bare = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version = "))  # fmt: skip
+    assert bare.returncode == 0, bare.stderr
+    assert bare.stdout.strip() == f"run-study, version {version} (uninstalled checkout)"
+
+
+@needs(("the project installed: pip install -e .", has_dist("realnvp-study")))
+def test_console_script():
     import shutil
 
     script = Path(sys.executable).parent / "run-study"  # pip install . (or -e .) puts it beside the interpreter
