@@ -55,6 +55,20 @@ def needs(*tools: tuple[str, bool]) -> pytest.MarkDecorator:
     return pytest.mark.skipif(bool(missing), reason=f"missing: {missing}")
 
 
+# --- order: the longest tests first --------------------------------------------------------------
+# pytest-xdist hands tests to its workers in collection order; a long test collected last runs alone
+# at the end while the other worker idles. @pytest.mark.slow(seconds) (measured alone, on 2 cores)
+# puts a test first, the longest first; `-m "not slow"` leaves them out for a quick pass.
+
+
+def pytest_collection_modifyitems(config, items):
+    def seconds(item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.args[0]) if mark and mark.args else 0.0
+
+    items.sort(key=seconds, reverse=True)  # stable: the rest keep their order
+
+
 def jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
     """log|det J| of fn at one example x (1, ...), by autograd in the dtype of x."""
     shape = x.shape

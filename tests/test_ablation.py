@@ -152,6 +152,7 @@ def _check_grid(store, tmp_path):
     return children
 
 
+@pytest.mark.slow(25)
 def test_killed_study_resumes_without_running_a_cell_twice(store, tmp_path):
     proc = _cli(tmp_path, store)
     two_done = False
@@ -173,6 +174,7 @@ def test_killed_study_resumes_without_running_a_cell_twice(store, tmp_path):
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_bpd")) == [1, 2]
 
 
+@pytest.mark.slow(32)
 def test_two_workers_share_one_storage_without_duplicates(store, tmp_path):
     proc = _cli(tmp_path, store, workers=2)
     out, _ = proc.communicate(timeout=600)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -95,6 +96,7 @@ def test_peak_memory_resets_between_rows():
     assert peak_memory_mb(cpu) < before - 256
 
 
+@pytest.mark.slow(33)
 def test_bench_optimisations_script_prints_a_before_after_table():
     import subprocess
     import sys

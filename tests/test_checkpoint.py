@@ -44,6 +44,7 @@ def _consistent(path: Path) -> int:
     return state["epoch"]
 
 
+@pytest.mark.slow(25)
 def test_sigkill_during_save_always_leaves_a_complete_last_checkpoint(tmp_path):
     rng = random.Random(7)
     folder = tmp_path / "ckpt"

@@ -30,6 +30,7 @@ def _files(folder: Path) -> set[str]:
             if p.is_file() and not any(p.is_relative_to(r) for r in nested)}  # fmt: skip
 
 
+@pytest.mark.slow(45)
 @pytest.mark.parametrize("report", REPORTS, ids=[str(p.relative_to(ROOT)) for p in REPORTS])
 def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_path):
     args = _command(report / "README.md")

@@ -18,6 +18,7 @@ def _curve(store, experiment, key):
     return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)], run
 
 
+@pytest.mark.slow(30)
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(store, tmp_path):
     # batch norm off: PyTorch has no SyncBatchNorm on the CPU, so per-rank batch statistics would differ
     sets = tiny_overrides(**{"train.epochs": 2, "stabilizers.st_batchnorm": False, "train.threads": 1})

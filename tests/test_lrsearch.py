@@ -88,6 +88,7 @@ def _cli(tmp_path, store, *extra):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
 
 
+@pytest.mark.slow(31)
 def test_killed_search_resumes_and_two_workers_take_distinct_trials(store, tmp_path):
     proc = _cli(tmp_path, store)
     for line in proc.stdout:

@@ -58,6 +58,7 @@ def _machine(name: str, tmp_path: Path, cluster: dict, *args: str, grace: int = 
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
 
 
+@pytest.mark.slow(55)
 def test_the_ablation_on_two_machines_runs_every_cell_once_and_survives_a_lost_machine(cluster, tmp_path):
     tiny = tiny_overrides(**{"train.epochs": 3, "data.train_limit": 64})
     args = ["ablation", "stabilizers", "--preset", "demo", "--seeds", "2", "--experiment", "multi",

@@ -137,6 +137,7 @@ def _wait_for(proc, prefix: str) -> None:
     raise AssertionError(f"no line starting {prefix!r}: {proc.stderr.read()}")
 
 
+@pytest.mark.slow(38)
 def test_a_second_process_on_a_live_run_is_refused_and_a_dead_owner_is_taken_over(store, tmp_path):
     slow = ["slow-save=0.5"]  # the first run is still training when the second one starts
     first = _start(_train_cmd(store, tmp_path, epochs=12, faults=slow), tmp_path)
@@ -160,6 +161,7 @@ def test_a_second_process_on_a_live_run_is_refused_and_a_dead_owner_is_taken_ove
 # --- every stop recorded ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow(25)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_sigterm_and_sighup_end_a_run_like_ctrl_c(store, tmp_path, sig):
     proc = _start(_train_cmd(store, tmp_path), tmp_path)
@@ -235,22 +237,39 @@ def test_sigterm_to_ui_stops_the_server_and_its_workers(store, tmp_path):
 # --- SIGKILL at random moments ------------------------------------------------------------------------
 
 
+@pytest.mark.slow(115)
 def test_sigkill_at_random_moments_never_costs_an_epoch(store, tmp_path):
     """A 30-epoch run SIGKILLed at 20 seeded random moments of its training (epochs, evaluations,
     checkpoint writes and MLflow logging, which faults slow down so that kills often land there),
-    resumed each time: every epoch is logged once and the result equals an uninterrupted run's."""
+    resumed each time: every epoch is logged once and the result equals an uninterrupted run's.
+
+    The 20 killed processes are forked from a forkserver that imported torch, mlflow and the harness
+    once (each is still a new process running the command line from its start); the last one, which
+    finishes the run, is a plain subprocess."""
+    import multiprocessing
+
     from study.run import train
+    from tests import faults
 
     epochs, rng = 30, random.Random(2026)
-    cmd = _train_cmd(store, tmp_path, epochs=epochs, faults=["slow-save=0.15", "slow-log=0.15"])
+    slow = ["slow-save=0.15", "slow-log=0.15"]
+    cmd = _train_cmd(store, tmp_path, epochs=epochs, faults=slow)
+    args = cmd[cmd.index("--") + 1 :]
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "mlflow", "sqlalchemy", "run_study", "study.cli", "study.run", "tests.faults"])
     client = mlflow.MlflowClient(store)
-    for _ in range(20):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # it is training: it resumed, or finished its first epoch
+    for i in range(20):
+        out = tmp_path / f"kill-{i}.log"
+        proc = ctx.Process(target=faults.run_cli, args=(slow, args, str(tmp_path), str(out)))
+        proc.start()
+        deadline = time.monotonic() + 120
+        while not (out.exists() and "\n" in out.read_text()):  # it is training: it resumed, or finished epoch 1
+            assert proc.is_alive() and time.monotonic() < deadline, out.read_text() if out.exists() else "no output"
+            time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        assert proc.returncode == -signal.SIGKILL, "the run finished before 20 kills: give it more epochs"
+        proc.kill()
+        proc.join(timeout=30)
+        assert proc.exitcode == -signal.SIGKILL, "the run finished before 20 kills: give it more epochs"
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     (run,) = client.search_runs([client.get_experiment_by_name("own").experiment_id])

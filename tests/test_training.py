@@ -201,6 +201,7 @@ def _kill_after(store, tmp_path, prefix: str, sig=signal.SIGKILL):
     return (client, run, err) if sig == signal.SIGINT else (client, run)
 
 
+@pytest.mark.slow(22)
 def test_sigkill_then_rerun_continues_the_same_run_exactly(store, tmp_path):
     client, run = _kill_after(store, tmp_path, "epoch 2/4")  # mid-way through epoch 3
     assert run.info.status == "RUNNING"  # what a killed process leaves
@@ -335,6 +336,7 @@ def test_sample_command_writes_a_grid(store, tmp_path):
     assert bad.exit_code == 2 and "no run 'nope'" in bad.stderr
 
 
+@pytest.mark.slow(24)
 def test_resume_by_run_id_and_unknown_id(store, tmp_path):
     client, run = _kill_after(store, tmp_path, "epoch 1/4")
     cmd = [sys.executable, str(ROOT / "run_study.py"), "train", "--tracking-uri", store, "--device", "cpu",

@@ -85,6 +85,7 @@ def _ui_page(store: str, cwd: Path):
     assert ui.returncode == 130 and "MLflow UI stopped" in out
 
 
+@pytest.mark.slow(25)
 def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
     import mlflow
 
@@ -107,6 +108,7 @@ def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
 COMMITTED = sorted(p.parent for p in (ROOT / "studies").glob("*/mlflow.db"))
 
 
+@pytest.mark.slow(30)
 @pytest.mark.skipif(not COMMITTED, reason="no committed study in studies/")
 @pytest.mark.parametrize("committed", COMMITTED, ids=[p.name for p in COMMITTED])
 def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sample_grids(committed, tmp_path):
