@@ -61,6 +61,14 @@ def needs(*tools: tuple[str, bool]) -> pytest.MarkDecorator:
 # puts a test first, the longest first; `-m "not slow"` leaves them out for a quick pass.
 
 
+def pytest_configure(config):
+    # pytest-xdist's load scheduling hands each worker a block of consecutive tests first (a quarter
+    # of its share): with the slow tests first, one worker got all of them. One test at a time, taken
+    # by whichever worker is free, runs the longest first on both.
+    if hasattr(config.option, "maxschedchunk") and config.option.maxschedchunk is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
     def seconds(item) -> float:
         mark = item.get_closest_marker("slow")
