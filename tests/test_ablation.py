@@ -174,6 +174,20 @@ def test_killed_study_resumes_without_running_a_cell_twice(store, tmp_path):
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_bpd")) == [1, 2]
 
 
+def test_a_trial_another_worker_is_setting_up_is_passed_over():
+    """Another worker's new trial has its variant and not yet its seed (params arrive one at a time):
+    reading the grid's state then must not fail (it raised KeyError and killed a worker)."""
+    study = optuna.create_study()
+    done = study.ask()
+    done.suggest_categorical("variant", ["paper", "seed-report"])
+    done.suggest_categorical("seed", [0, 1])
+    study.tell(done, 1.0)
+    half = study.ask()
+    half.suggest_categorical("variant", ["paper", "seed-report"])
+    assert "seed" not in half.params
+    assert ab.cell_states(study) == {(done.params["variant"], done.params["seed"]): "COMPLETE"}
+
+
 @pytest.mark.slow(40)
 def test_two_workers_share_one_storage_without_duplicates(store, tmp_path):
     # 12 cells of about 2 s: enough that a worker whose start lags on a loaded host still finds cells

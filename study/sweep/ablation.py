@@ -171,9 +171,13 @@ def cell_states(study) -> dict[tuple[str, int], str]:
     best: dict[tuple[str, int], TrialState] = {}
     for t in study.get_trials(deepcopy=False):
         # a waiting trial has no params yet: the cell it stands for is in its user attributes, which
-        # every cell's trial carries and Optuna's stale-trial retry copies
-        params = t.params if "variant" in t.params else t.user_attrs
-        if "variant" not in params:
+        # every cell's trial carries and Optuna's stale-trial retry copies. A trial that another
+        # worker is setting up gets its params one at a time: with a variant and no seed yet it is
+        # passed over (reading it killed a worker once)
+        for params in (t.params, t.user_attrs):
+            if "variant" in params and "seed" in params:
+                break
+        else:
             continue
         cell = (params["variant"], int(params["seed"]))
         if rank.get(t.state, 0) > rank.get(best.get(cell), 0):
