@@ -19,6 +19,7 @@ import pandas as pd
 from analysis import figures
 from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
+from analysis.markdown import md_table
 from analysis.reference import PAPER_BPD, REFERENCES, TOST_MARGIN
 from analysis.stats import failures, tost, variant_table, window_label
 from study import schema
@@ -42,13 +43,7 @@ def _p(p: float) -> str:
     return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
-def _md(df: pd.DataFrame) -> str:
-    """A DataFrame as a Markdown table (no tabulate dependency)."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+_md = md_table
 
 
 @dataclasses.dataclass

@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 from experiments import factorial
-from experiments.ablation import FAMILIES, STABILIZERS, Family, Variant
+from experiments.ablation import FAMILIES, HEADLINE, HEADLINE_FAMILIES, STABILIZERS, Family, Variant
 
 STUDIES: dict[str, tuple[Variant, ...]] = {
     "stabilizers": STABILIZERS,
+    "headline": HEADLINE,
     "factorial": factorial.HALF,
+    "factorial-zero-init": factorial.HALF_ZERO_INIT,
     "factorial-full": factorial.FULL,
 }
 STUDY_FAMILIES: dict[str, tuple[Family, ...]] = {
     "stabilizers": FAMILIES,
+    "headline": HEADLINE_FAMILIES,
     # a factorial has no baseline: every cell is read together ("design")
     **{name: (Family(name, "every main effect and two-factor interaction", "design",
-                     tuple(v.name for v in cells)),) for name, cells in (("factorial", factorial.HALF),
-                                                                         ("factorial-full", factorial.FULL))},
+                     tuple(v.name for v in cells)),)
+       for name, cells in (("factorial", factorial.HALF), ("factorial-full", factorial.FULL),
+                           ("factorial-zero-init", factorial.HALF_ZERO_INIT))},
 }  # fmt: skip
 STUDY_DESCRIPTIONS = {
     "stabilizers": "which of the seed report's stabilizers does Real NVP need? (families of one-at-a-time contrasts)",
     "factorial": "every main effect and two-factor interaction of five stabilizers: 2^(5-1) resolution-V half fraction",
     "factorial-full": "the same five stabilizers, full 2^5 factorial",
+    "headline": "the contrasts the README's findings rest on, at 5 paired seeds: bijector, clipping, scale, precision",
+    "factorial-zero-init": "the half fraction on a zero-initialised base, whose first forward pass cannot overflow",
 }
-FACTORIAL_STUDIES = ("factorial", "factorial-full")
+FACTORIAL_STUDIES = ("factorial", "factorial-full", "factorial-zero-init")
 
 
 def get_study(name: str) -> tuple[Variant, ...]:

@@ -41,7 +41,7 @@ MUTATIONS = (
              "norm = torch.nn.utils.clip_grad_norm_(params, math.inf)",
              ("tests/test_step.py",)),
     Mutation("nonfinite-grad-applied", "study/run/step.py",
-             "finite = math.isfinite(loss_v) and (scaler is not None or math.isfinite(norm_v))",
+             "finite = math.isfinite(loss_v) and math.isfinite(norm_v)",
              "finite = math.isfinite(loss_v)",
              ("tests/test_step.py",)),
     Mutation("train-bpd-sign", "study/run/loop.py",

@@ -341,6 +341,41 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
     click.echo(f"wrote {path}")
 
 
+@cli.command("probe-init")
+@DATA
+@click.option("--out", default="studies/init-probe/probe.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="CSV the probe appends to (an interrupted probe continues)")  # fmt: skip
+@click.option("--report", "report_dir", default="report/init-probe", show_default=True,
+              type=click.Path(file_okay=False), help="folder of the probe's README.md")  # fmt: skip
+@click.option("--seeds", default="10", show_default=True, metavar="N|LIST", help="seeds per recipe and size")
+@click.option("--widths", default="8,16,32,64", show_default=True, help="feature maps (model.mid_channels)")
+@click.option("--blocks", default="2,8", show_default=True, help="residual blocks (model.num_blocks)")
+@click.option("--report-only", is_flag=True, help="only write the report from the CSV")
+def probe_init(data, out, report_dir, seeds, widths, blocks, report_only):
+    """Is step 0 finite? One forward pass of each recipe's initial model per size and seed, on real
+    training images, at any size (the paper's too) on a CPU; then report/init-probe/README.md."""
+    from analysis.init_probe import write_report
+    from experiments.init_probe import cells, run_probe
+    from study.data import DataError, load_splits
+
+    try:
+        sizes = [tuple(int(x) for x in v.split(",")) for v in (widths, blocks)]
+    except ValueError:
+        _fail(f"--widths {widths!r} / --blocks {blocks!r}: give comma-separated integers (8,16,32,64)")
+    if not report_only:
+        cfg = _config("cifar-study", data or "npz:../shared/data/cifar10-slices", ())
+        try:
+            images = load_splits(cfg.data).train
+        except DataError as e:
+            _fail(str(e))
+        run_probe(cfg, images, Path(out), cells(sizes[0], sizes[1], seeds=_seeds(seeds)), echo=click.echo)
+    if not Path(out).exists():
+        _fail(f"{out} does not exist: run `run_study.py probe-init` without --report-only first")
+    args = " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    path = write_report(Path(out), Path(report_dir), f"python run_study.py {args} --report-only".replace("  ", " "))
+    click.echo(f"wrote {path}")
+
+
 @cli.command()
 @click.option("--run", "run_id", required=True, help="MLflow run id whose last checkpoint to evaluate")
 @click.option("--data", default=None, help="patches | npz:DIR | cifar10:DIR (default: the run's own data)")

@@ -44,6 +44,9 @@ KIND_LR_SEARCH = "lr-search"
 KIND_BENCH = "bench"
 
 OUTCOMES = ("completed", "recovered", "diverged", "pruned", "skipped", "interrupted")
+# what happened to a run that ended (study.run.outcome.classify), beside the engine's OUTCOME
+RESULT = "result"
+RESULTS = ("fails-at-init", "diverges-in-training", "fails-in-eval", "trains-badly", "trained")
 
 # --- metrics (step = epoch) ----------------------------------------------------------------------------
 EPOCH = "epoch"  # read from runs recorded before 2026-11-29's redesign only: the step is the epoch

@@ -239,9 +239,16 @@ class NullLogger(RunLogger):
         pass
 
 
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5)
+def _git(*args: str, cwd: Path | None = None) -> str:
+    out = subprocess.run(["git", *args], cwd=cwd or Path(__file__).resolve().parent, capture_output=True, text=True,
+                         timeout=5)  # fmt: skip
     return out.stdout.strip()
+
+
+def is_dirty(cwd: Path | None = None) -> bool:
+    """True when the checkout holding ``cwd`` (default: this code's) has a modified tracked file or an
+    untracked file that git does not ignore."""
+    return bool(_git("status", "--porcelain", "--untracked-files=normal", cwd=cwd))
 
 
 @functools.cache
@@ -255,11 +262,13 @@ def full_commit() -> str:
 
 @functools.cache
 def git_commit() -> str:
-    """Short commit of this checkout, with -dirty when tracked files are modified, read once per
-    process: a long-lived worker runs the code it imported, whatever the checkout becomes later."""
+    """Short commit of this checkout, with -dirty when a tracked file is modified or a file git does not
+    ignore is untracked (a new module imports just as well as a changed one), read once per process: a
+    long-lived worker runs the code it imported, whatever the checkout becomes later. A study's own
+    stores belong outside the checkout while it runs (README, "Committing a study")."""
     try:
         commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
-        return commit + ("-dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+        return commit + ("-dirty" if is_dirty() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -262,10 +262,14 @@ def test_nan_restore_recovers_and_completes(store, tmp_path):
     s.hooks = PoisonAt(4)  # step 4 is in epoch 2 (3 steps per epoch)
     result = train(s)
     assert result.outcome == "recovered" and result.epochs == 3
-    assert result.events == [{"epoch": 2, "step": 4, "cause": "non-finite loss", "amp": "off", "action": "restore"}]
+    # 4 updates were applied before step 4 (steps 0-3): a divergence in training, not at initialisation
+    assert result.events == [{"epoch": 2, "step": 4, "cause": "non-finite loss", "amp": "off", "updates": 4,
+                              "action": "restore"}]  # fmt: skip
     client = mlflow.MlflowClient(store)
     run = client.get_run(result.run_id)
     assert run.data.tags["outcome"] == "recovered" and run.data.tags["first_nonfinite_epoch"] == "2"
+    # a tiny model on random images: the result is judged on its final test value against 8 bits/dim
+    assert run.data.tags["result"] == ("trained" if float(run.data.metrics["test_bpd"]) < 8.0 else "trains-badly")
     assert [s for s, _ in history(client, result.run_id, "val_bpd")] == [1, 2, 3]
     lrs = history(client, result.run_id, "lr")
     assert lrs[0][1] == 1e-3 and lrs[1][1] == 5e-4  # lowered after the restore
@@ -282,6 +286,7 @@ def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path):
     run = client.get_run(result.run_id)
     assert run.info.status == "FAILED" and run.data.tags["outcome"] == "diverged"  # red in the UI, outcome kept
     assert run.data.tags["divergence_causes"] == "epoch 2: non-finite loss"
+    assert run.data.tags["result"] == "diverges-in-training"
     assert [s for s, _ in history(client, result.run_id, "val_bpd")] == [1]
     assert "test_bpd" not in run.data.metrics
 
@@ -380,9 +385,13 @@ def test_non_finite_validation_is_a_divergence_not_a_completed_run(store, tmp_pa
     monkeypatch.setattr(loop, "evaluate", flaky)
     result = train(spec(store, tmp_path, **{"stabilizers.nan_policy": "stop"}))
     assert result.outcome == "diverged" and result.epochs == 1 and result.test_bpd is None
-    assert result.events[0]["cause"] == "non-finite validation" and result.events[0]["epoch"] == 2
+    # the same images scored with batch statistics are finite (only the patched eval-mode pass is not):
+    # the diagnosis names batch norm's running statistics
+    assert result.events[0]["cause"] == ("non-finite validation (eval mode); finite with batch statistics: "
+                                         "batch-norm running statistics") and result.events[0]["epoch"] == 2
     run = mlflow.MlflowClient(store).get_run(result.run_id)
     assert run.info.status == "FAILED" and run.data.tags["outcome"] == "diverged"
+    assert run.data.tags["result"] == "fails-in-eval"
     assert [s for s, _ in history(mlflow.MlflowClient(store), result.run_id, "val_bpd")] == [1]
 
 

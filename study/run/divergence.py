@@ -19,11 +19,28 @@ from study.run.state import RunState, restore
 from study.run.step import Precision
 
 
-def event(epoch: int, step: int, loss: float, amp: str, cause: str | None = None) -> dict[str, Any]:
+def event(epoch: int, step: int, loss: float, amp: str, cause: str | None = None, updates: int | None = None
+          ) -> dict[str, Any]:  # fmt: skip
     """One divergence, as recorded in the run's events; by default a training step's (its loss, else
-    its gradient was not finite)."""
+    its gradient was not finite). ``updates``: optimizer updates applied before it (global steps less
+    GradScaler's skipped ones; 0 means the model never left its initialisation)."""
     cause = cause or ("non-finite loss" if not math.isfinite(loss) else "non-finite gradient")
-    return {"epoch": epoch, "step": step, "cause": cause, "amp": amp}
+    out = {"epoch": epoch, "step": step, "cause": cause, "amp": amp}
+    if updates is not None:
+        out["updates"] = updates
+    return out
+
+
+def eval_cause(model, images: torch.Tensor, batch_size: int, split: str) -> str:
+    """Why an evaluation (eval mode, fp32) came out non-finite although training was finite: the same
+    images scored with each batch's own statistics tell whether batch norm's running averages are
+    what breaks (the model is left as it was)."""
+    from study.run.step import per_image_bpd
+
+    with_batch_stats = per_image_bpd(model, images, batch_size, train_mode=True)
+    if bool(torch.isfinite(with_batch_stats).all()):
+        return f"non-finite {split} (eval mode); finite with batch statistics: batch-norm running statistics"
+    return f"non-finite {split} (eval mode and with batch statistics)"
 
 
 def decide(stab: Stabilizers, retries: int) -> str:

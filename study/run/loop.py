@@ -25,6 +25,7 @@ from study.flows.activity import read_and_reset
 from study.memory import peak_memory_mb, reset_peak_memory
 from study.metrics import bits_per_dim
 from study.run import checkpoint, divergence
+from study.run.outcome import classify
 from study.run.progress import clock, epoch_bar, remaining
 from study.run.spec import RunPruned, RunResult, RunSpec
 from study.run.state import RunState, to_checkpoint
@@ -85,8 +86,13 @@ def train_epoch(run: Run, st: RunState, epoch: int) -> tuple[EpochTotals, dict |
             result = train_step(st.model, st.opt, st.precision.scaler, x, st.precision.amp, cfg.stabilizers.l2,
                                 run.l2_params, run.max_norm, loss_hook=hook, ddp=run.ddp, d=run.d)  # fmt: skip
             if not result.finite:
-                return acc, divergence.event(epoch, st.step, result.loss, st.precision.amp)
+                updates = st.step - acc.skipped - sum(int(h.get(schema.SKIPPED_STEPS, 0)) for h in st.history)
+                return acc, divergence.event(epoch, st.step, result.loss, st.precision.amp, updates=updates)
             acc.skipped += int(result.skipped)
+            if not math.isfinite(result.loss):  # fp16: GradScaler skipped an overflowing step, nothing to add
+                st.step += 1
+                bar.update(1)
+                continue
             acc.steps += 1
             acc.l2_sum += result.loss - result.nll
             acc.nll_sum += result.nll * len(x) * run.d.world
@@ -181,7 +187,8 @@ def run_epochs(run: Run, st: RunState) -> str:
             continue
         metrics = epoch_metrics(run, st, acc, epoch, t0)
         if not math.isfinite(metrics[schema.VAL_BPD]):  # a model that scores inf or NaN has diverged
-            event = divergence.event(epoch, st.step, metrics[schema.VAL_BPD], st.precision.amp, "non-finite validation")
+            cause = divergence.eval_cause(st.model, run.data["val"], cfg.train.eval_batch_size, "validation")
+            event = divergence.event(epoch, st.step, metrics[schema.VAL_BPD], st.precision.amp, cause)
             if on_divergence(run, st, event):
                 return "diverged"
             epoch = st.epoch + 1
@@ -210,10 +217,13 @@ def finish(run: Run, st: RunState, outcome: str) -> RunResult:
         if math.isfinite(test_bpd):
             run.log.metrics({schema.TEST_BPD: test_bpd}, step=final_epoch)
         else:  # no policy can repair the final model: the run diverged at its test
-            events.append({**divergence.event(final_epoch, st.step, test_bpd, st.precision.amp, "non-finite test"),
+            cause = divergence.eval_cause(st.model, run.data["test"], cfg.train.eval_batch_size, "test")
+            events.append({**divergence.event(final_epoch, st.step, test_bpd, st.precision.amp, cause),
                            "action": "stop"})  # fmt: skip
             outcome, test_bpd = "diverged", None
-    end_tags = {schema.OUTCOME: outcome, schema.RETRIES: st.retries, schema.FINAL_AMP: st.precision.amp}
+    final_bpd = test_bpd if test_bpd is not None else (st.history[-1][schema.VAL_BPD] if st.history else None)
+    end_tags = {schema.OUTCOME: outcome, schema.RETRIES: st.retries, schema.FINAL_AMP: st.precision.amp,
+                schema.RESULT: classify(outcome, events, final_bpd)}
     if events:
         end_tags[schema.FIRST_NONFINITE_EPOCH] = events[0]["epoch"]
         end_tags[schema.DIVERGENCE_CAUSES] = "; ".join(f"epoch {e['epoch']}: {e['cause']}" for e in events)

@@ -127,16 +127,19 @@ def train_step(
         stats = torch.cat([all_sum(stats[:2].clone(), d) / d.world, stats[2:]])
     loss_v, nll_v, norm_v = stats.tolist()
     clipped = math.isfinite(norm_v) and norm_v > max_norm
-    # with a GradScaler, non-finite gradients under a finite loss are fp16 overflow: it skips the step
-    finite = math.isfinite(loss_v) and (scaler is not None or math.isfinite(norm_v))
-    if not finite:
-        return StepResult(loss_v, nll_v, norm_v, False, False)
-    skipped = False
+    finite = math.isfinite(loss_v) and math.isfinite(norm_v)
     if scaler is not None:
+        # GradScaler's own rule: a step whose loss or gradients are not finite is skipped (nothing is
+        # applied) and the scale halves; that is fp16 overflow, not a divergence, while the scale can
+        # still be the cause. At a scale of 1 or less the scaled values are no larger than the
+        # unscaled ones, so a non-finite step there is the model's, and the caller's to decide.
         before = scaler.get_scale()
+        if not finite and before <= 1.0:
+            return StepResult(loss_v, nll_v, norm_v, False, False)
         scaler.step(opt)
         scaler.update()
-        skipped = scaler.get_scale() < before
-    else:
-        opt.step()
-    return StepResult(loss_v, nll_v, norm_v, True, skipped, clipped)
+        return StepResult(loss_v, nll_v, norm_v, True, scaler.get_scale() < before, clipped)
+    if not finite:
+        return StepResult(loss_v, nll_v, norm_v, False, False)
+    opt.step()
+    return StepResult(loss_v, nll_v, norm_v, True, False, clipped)

@@ -1,0 +1,14 @@
+"""Markdown rendering shared by every generated report (no tabulate dependency)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def md_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table, cells as ``str`` of their values."""
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(map(str, cols)) + " |", "| " + " | ".join("---" for _ in cols) + " |"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
