@@ -169,10 +169,31 @@ def only_study(tracking_uri: str | None) -> str:
     raise NoRunsError(f"this store holds several studies ({', '.join(sorted(names))}): pass --experiment NAME")
 
 
+def _result_of(run_id: str, row: dict, tracking_uri: str | None) -> str:
+    """The ``result`` of a run recorded before the tag existed, by the same rule (study.run.outcome),
+    from its divergence events artifact; "" for a run that did not end."""
+    import json
+    import math
+
+    from study.run.outcome import classify
+    from study.tracking import download_artifact
+
+    events = []
+    if row["outcome"] == "diverged":
+        try:
+            path = f"{schema.EVENTS_DIR}/{schema.DIVERGENCE_EVENTS_FILE}"
+            events = json.loads(download_artifact(run_id, path, tracking_uri).read_text())
+        except FileNotFoundError:  # no events recorded: classified by its outcome alone
+            events = []
+    final = row["test_bpd"] if math.isfinite(row["test_bpd"]) else row["val_bpd"]
+    return classify(row["outcome"], events, final) or ""
+
+
 def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(runs, history, parents) of an experiment's study.
 
-    runs: one row per child run (a cell): run_id, parent_run_id, variant, seed, outcome, status,
+    runs: one row per child run (a cell): run_id, parent_run_id, variant, seed, outcome, result (what
+        happened to it: study.run.outcome; derived from its events for runs recorded before the tag), status,
         test_bpd, val_bpd (last), epochs, images_per_s (mean over epochs), first_nonfinite_epoch,
         divergence_causes, git_commit, device, skip_reason, excluded (why the run must not be pooled
         with its variant's seeds, "" when it may: see pooling_check), and every ``section.key`` param
@@ -224,6 +245,7 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
         row["val_bpd"] = per_epoch[row["epochs"]]["val_bpd"] if epochs else float("nan")
         speeds = [v["images_per_s"] for v in per_epoch.values() if "images_per_s" in v]
         row["images_per_s"] = sum(speeds) / len(speeds) if speeds else float("nan")
+        row["result"] = tags.get("result") or _result_of(r.info.run_id, row, tracking_uri)
         rows.append(row)
     runs = pd.DataFrame(rows).sort_values(["variant", "seed", "run_id"]).reset_index(drop=True)
     runs["excluded"] = pooling_check(runs, {p.info.run_id: dict(p.data.params) for p in parents})

@@ -1,16 +1,24 @@
 """A factorial stabilizer study read as a designed experiment.
 
-- Failing to train is an outcome of its own: for each factor, a two-sided Fisher exact test of the
-  2x2 table (level x failed), over every run, Holm-corrected over the factors. A run fails when it
-  diverged or ended without a finite test value.
+- Failing to train is an outcome of its own: a run fails unless its result (study.run.outcome) is
+  *trained*, and the failures are counted by kind (at initialisation, in training, in evaluation,
+  training badly). For each factor, a two-sided Fisher exact test of the 2x2 table (level x failed),
+  over every run, Holm-corrected over the factors. Failures at initialisation happen before any update,
+  so the training-time factors (clipping, L2, precision) cannot change them by construction: said so.
 - Bits/dim among the runs that trained: ordinary least squares (statsmodels) of test bits/dim on the
-  factors coded -1/+1, all their two-factor interactions, and seed as a block. An effect is the change
-  from the low to the high level (2x the coefficient), with its 95% t interval; p-values are
-  Holm-corrected over the main effects and interactions together. This is conditioned on training:
-  a factor that makes runs fail shifts which runs are left, so read it beside the failure table.
+  factors coded -1/+1, all their two-factor interactions, and seed as a block, with HC3
+  heteroscedasticity-robust standard errors (a cell group with a much larger spread must not lend its
+  noise to, or borrow precision from, the others) and t intervals on the residual df. An effect is the
+  change from the low to the high level (2x the coefficient); Holm over the terms reported.
+- Failures break the design: a resolution-V fraction keeps main effects and two-factor interactions
+  apart only while every run enters. The alias structure of the runs that remain is computed: a term
+  whose column the kept ones reproduce exactly is dropped, and every kept term that enters that
+  reproduction is aliased with it and is not reported as an effect (named instead). The one exception
+  is an empty corner of a pair a x b: the main effects of a and b are then reported *given* the other
+  factor at the level where runs trained.
 
 Frames: ``runs`` has one row per run with variant (a cell name of experiments.factorial), seed,
-outcome, test_bpd.
+outcome, result, test_bpd.
 """
 
 from __future__ import annotations
@@ -22,16 +30,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis.stats import ALPHA, holm
+from analysis.stats import ALPHA, holm, with_result
 from experiments.factorial import FACTORS, levels_of
 
 
 def coded(runs: pd.DataFrame, factors=FACTORS) -> pd.DataFrame:
     """``runs`` with one -1/+1 column per factor (named by factor, '-' as '_') and ``failed``."""
-    out = runs.copy()
+    out = with_result(runs.copy())
     for name in [f.name for f in factors]:
         out[_col(name)] = [levels_of(v, factors)[name] for v in runs["variant"]]
-    out["failed"] = ~(out["outcome"].isin(["completed", "recovered"]) & np.isfinite(out["test_bpd"].astype(float)))
+    out["failed"] = out["result"] != "trained"
     return out
 
 
@@ -41,21 +49,23 @@ def _col(name: str) -> str:
 
 def failure_effects(runs: pd.DataFrame, factors=FACTORS) -> pd.DataFrame:
     """Per factor: failed/runs at the low and high level, the difference in failure rate, the Fisher
-    exact p-value and its Holm adjustment over the factors."""
-    from scipy.stats import fisher_exact
+    exact p-value (NaN when no run or every run failed: nothing to test) and its Holm adjustment over
+    the factors. ``attrs``: corners (the pattern behind the counts) and kinds (failures by result)."""
+    from analysis.stats import fisher_failures
 
     data = coded(runs, factors)
     rows = []
     for f in factors:
         col = data[_col(f.name)]
         lo, hi = data[col < 0], data[col > 0]
-        table = [[int(hi["failed"].sum()), int((~hi["failed"]).sum())], [int(lo["failed"].sum()), int((~lo["failed"]).sum())]]
-        p = fisher_exact(table).pvalue if data["failed"].any() and not data["failed"].all() else 1.0
-        rows.append({"factor": f.name, "failed high": f"{table[0][0]}/{len(hi)}", "failed low": f"{table[1][0]}/{len(lo)}",
-                     "rate difference": hi["failed"].mean() - lo["failed"].mean(), "p": float(p)})  # fmt: skip
+        hf, lf = int(hi["failed"].sum()), int(lo["failed"].sum())
+        p = fisher_failures(hf, len(hi) - hf, lf, len(lo) - lf)
+        rows.append({"factor": f.name, "failed high": f"{hf}/{len(hi)}", "failed low": f"{lf}/{len(lo)}",
+                     "rate difference": hi["failed"].mean() - lo["failed"].mean(), "p": p})  # fmt: skip
     out = pd.DataFrame(rows)
     out["p_holm"] = holm(out["p"])
-    out.attrs["corners"] = failure_corners(runs, factors)  # the pattern behind the per-factor counts
+    out.attrs["corners"] = failure_corners(runs, factors)
+    out.attrs["kinds"] = data.loc[data["failed"], "result"].value_counts().sort_index().to_dict()
     return out
 
 
@@ -67,6 +77,7 @@ class EffectsFit:
     estimable: bool
     why: str = ""
     dropped: tuple[str, ...] = ()  # terms the runs that trained cannot estimate, with the reason
+    aliased: tuple[str, ...] = ()  # kept terms whose estimate carries a dropped term: not reported as effects
 
 
 def _empty_corner(data: pd.DataFrame, a: str, b: str) -> tuple[int, int] | None:
@@ -81,14 +92,11 @@ def _level(v: int) -> str:
 
 
 def bpd_effects(runs: pd.DataFrame, factors=FACTORS, value: str = "test_bpd") -> EffectsFit:
-    """OLS of ``value`` on main effects, two-factor interactions and seed among runs that trained.
-
-    When failures empty a corner of the design (e.g. every run with two factors off failed), some terms
-    cannot be estimated from the runs that trained. Columns are then kept greedily in the order
-    intercept, seed block, main effects, interactions, each only if it adds to the rank; a dropped
-    term is reported as not estimable, and a main effect of a factor in a dropped interaction a x b
-    whose corner is empty is the effect *given* the other factor at the level where runs trained (its
-    ``given`` column says so): never a number the data cannot determine."""
+    """OLS (HC3 errors) of ``value`` on main effects, two-factor interactions and seed among runs that
+    trained, over only the terms the remaining runs can still estimate apart (see the module's
+    docstring): columns are kept greedily in the order intercept, seed block, main effects,
+    interactions, each only if it adds to the rank; a dropped term's exact reproduction by the kept
+    columns names the terms aliased with it."""
     import statsmodels.formula.api as smf
 
     data = coded(runs, factors)
@@ -97,37 +105,49 @@ def bpd_effects(runs: pd.DataFrame, factors=FACTORS, value: str = "test_bpd") ->
     terms = names + [f"{a}:{b}" for a, b in itertools.combinations(names, 2)]
     seeds = sorted(data["seed"].unique())
     columns = [np.ones(len(data))] + [(data["seed"] == s).to_numpy(float) for s in seeds[1:]]
-    kept, dropped, given = [], [], {}
+    fixed = len(columns)  # intercept and seed blocks: aliasing with them is not an effect's
+    kept, dropped, given, aliased = [], [], {}, {}
     for t in terms:
         a, _, b = t.partition(":")
         col = data[a].to_numpy(float) * (data[b].to_numpy(float) if b else 1.0)
-        if np.linalg.matrix_rank(np.column_stack([*columns, col])) > len(columns):
+        if len(data) and np.linalg.matrix_rank(np.column_stack([*columns, col])) > len(columns):
             columns.append(col)
             kept.append(t)
             continue
-        label = t.replace("_", "-").replace(":", " x ")
+        label = _label(t)
         corner = _empty_corner(data, a, b) if b else None
         if corner is not None:
-            dropped.append(f"{label} (no run with `{a.replace('_', '-')}` {_level(corner[0])} and "
-                           f"`{b.replace('_', '-')}` {_level(corner[1])} trained)")  # fmt: skip
-            given[a] = f"given `{b.replace('_', '-')}` {_level(-corner[1])}"
-            given[b] = f"given `{a.replace('_', '-')}` {_level(-corner[0])}"
-        else:
-            cells = data["variant"].nunique()
-            dropped.append(f"{label} (the {cells} cells that trained cannot separate it from the terms before it)")
+            dropped.append(f"{label} (no run with `{_label(a)}` {_level(corner[0])} and "
+                           f"`{_label(b)}` {_level(corner[1])} trained)")  # fmt: skip
+            given[a] = f"given `{_label(b)}` {_level(-corner[1])}"
+            given[b] = f"given `{_label(a)}` {_level(-corner[0])}"
+            continue
+        coef = np.linalg.lstsq(np.column_stack(columns), col, rcond=None)[0] if len(data) else np.zeros(len(columns))
+        partners = [kept[j - fixed] for j in range(fixed, len(columns)) if abs(coef[j]) > 1e-8]
+        for k in partners:
+            aliased.setdefault(k, []).append(label)
+        dropped.append(f"{label} (the runs that trained reproduce its column from "
+                       f"{', '.join(f'`{_label(k)}`' for k in partners) or 'the intercept and seed blocks'})")  # fmt: skip
+    alias_notes = tuple(f"`{_label(k)}` is aliased with {', '.join(f'`{d}`' for d in v)}" for k, v in aliased.items())
     n_params = len(columns)
     if len(data) <= n_params:
         return EffectsFit(pd.DataFrame(), len(data), 0, False,
-                          f"{len(data)} runs trained, fewer than the model's {n_params + 1} needed")  # fmt: skip
+                          f"{len(data)} runs trained, fewer than the model's {n_params + 1} needed",
+                          tuple(dropped), alias_notes)  # fmt: skip
     formula = f"{value} ~ " + " + ".join(kept) + (" + C(seed)" if len(seeds) > 1 else "")
-    fit = smf.ols(formula, data=data.assign(**{value: data[value].astype(float)})).fit()
+    fit = smf.ols(formula, data=data.assign(**{value: data[value].astype(float)})).fit(cov_type="HC3", use_t=True)
     ci = fit.conf_int(alpha=ALPHA)
-    rows = [{"term": t.replace("_", "-").replace(":", " x "), "kind": "interaction" if ":" in t else "main",
+    rows = [{"term": _label(t), "kind": "interaction" if ":" in t else "main",
              "effect": 2 * fit.params[t], "ci_lo": 2 * ci.loc[t, 0], "ci_hi": 2 * ci.loc[t, 1],
-             "p": float(fit.pvalues[t]), "given": given.get(t, "") if ":" not in t else ""} for t in kept]  # fmt: skip
-    out = pd.DataFrame(rows)
+             "p": float(fit.pvalues[t]), "given": given.get(t, "") if ":" not in t else ""}
+            for t in kept if t not in aliased]  # fmt: skip
+    out = pd.DataFrame(rows, columns=["term", "kind", "effect", "ci_lo", "ci_hi", "p", "given"])
     out["p_holm"] = holm(out["p"])
-    return EffectsFit(out, len(data), int(fit.df_resid), True, dropped=tuple(dropped))
+    return EffectsFit(out, len(data), int(fit.df_resid), True, dropped=tuple(dropped), aliased=alias_notes)
+
+
+def _label(term: str) -> str:
+    return term.replace("_", "-").replace(":", " x ")
 
 
 def failure_corners(runs: pd.DataFrame, factors=FACTORS) -> list[str]:
@@ -161,10 +181,29 @@ def verdicts(fit: EffectsFit, fails: pd.DataFrame) -> dict[str, list[str]]:
             "nothing": nothing}  # fmt: skip
 
 
-def sentences(fit: EffectsFit, fails: pd.DataFrame) -> list[str]:
-    """The factorial's findings in words, each from a corrected test."""
+def main_effect_equivalence(fit: EffectsFit, margin: float) -> pd.DataFrame:
+    """Per reported main effect: TOST of the effect against +-``margin`` on the fit's t (HC3 standard
+    errors, residual df), Holm over the main effects. Columns term, tost_p, tost_p_holm, half (the
+    95% interval's half-width: what it could see)."""
+    from scipy import stats
+
+    e = fit.effects[fit.effects["kind"] == "main"] if fit.estimable else pd.DataFrame()
+    if e.empty:
+        return pd.DataFrame(columns=["term", "tost_p", "tost_p_holm", "half"])
+    t975 = stats.t.ppf(1 - ALPHA / 2, fit.df_resid)
+    se = (e["ci_hi"] - e["ci_lo"]) / (2 * t975)
+    lower = stats.t.sf((e["effect"] + margin) / se, fit.df_resid)  # H0: effect <= -margin
+    upper = stats.t.cdf((e["effect"] - margin) / se, fit.df_resid)  # H0: effect >= +margin
+    tost_p = np.maximum(np.asarray(lower, float), np.asarray(upper, float))
+    return pd.DataFrame({"term": e["term"].to_numpy(), "tost_p": tost_p, "tost_p_holm": holm(tost_p),
+                         "half": ((e["ci_hi"] - e["ci_lo"]) / 2).to_numpy(float)})  # fmt: skip
+
+
+def sentences(fit: EffectsFit, fails: pd.DataFrame, margin: float = 0.05) -> list[str]:
+    """The factorial's findings in words, each from a corrected test and naming its verdict type
+    (effect, equivalent within +-margin, inconclusive)."""
     if not fit.estimable:
-        return [f"- The bits/dim model could not be fitted: {fit.why}."]
+        return [f"- The bits/dim model could not be fitted: {fit.why}: every factor is **inconclusive** on bits/dim."]
     v = verdicts(fit, fails)
     eff = fit.effects.set_index("term")
     lines = []
@@ -172,24 +211,56 @@ def sentences(fit: EffectsFit, fails: pd.DataFrame) -> list[str]:
         e = eff.loc[term]
         where = (f"among runs that trained, {e['given']} (the other corner failed)" if e.get("given")
                  else "averaged over the other factors")  # fmt: skip
-        lines.append(f"- `{term}` matters: switching it on changes test bits/dim by {e['effect']:+.3f} "
-                     f"[{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (Holm p = {_p(e['p_holm'])}), {where}.")  # fmt: skip
+        lines.append(f"- `{term}`: **effect**, switching it on changes test bits/dim by {e['effect']:+.3f} "
+                     f"[{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (HC3 t, Holm p = {_p(e['p_holm'])}), {where}.")  # fmt: skip
     for term in v["interactions"]:
         e = eff.loc[term]
-        lines.append(f"- `{term}` interact: {e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (Holm p = {_p(e['p_holm'])})"
+        lines.append(f"- `{term}`: **effect** (interaction) {e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] "
+                     f"(HC3 t, Holm p = {_p(e['p_holm'])})"
                      + (f"; {', '.join(f'`{f}`' for f in v['together'] if f in term.split(' x '))} matter only together with another factor."
                         if any(f in term.split(" x ") for f in v["together"]) else "."))  # fmt: skip
     for factor in v["failing"]:
         f = fails.set_index("factor").loc[factor]
-        lines.append(f"- `{factor}` changes whether runs train: failed {f['failed high']} on, {f['failed low']} off "
+        lines.append(f"- `{factor}`: **effect** on failing to train: failed {f['failed high']} on, {f['failed low']} off "
                      f"(Fisher exact, Holm p = {_p(f['p_holm'])}).")  # fmt: skip
     lines += [f"- {c[0].upper()}{c[1:]}." for c in fails.attrs.get("corners", [])]
+    lines += _failure_kinds(fails.attrs.get("kinds", {}))
     lines += [f"- Not estimable from the runs that trained: {d}." for d in fit.dropped]
-    if v["nothing"]:
-        which = "the two-factor interactions the runs that trained could estimate" if fit.dropped else "a two-factor interaction"
-        lines.append(f"- No detectable effect at this scale, alone or in {which}, on bits/dim or on "
-                     "failing to train: " + ", ".join(f"`{f}`" for f in v["nothing"]) + ".")  # fmt: skip
+    lines += [f"- Not reported as an effect: {a} among the runs that trained." for a in fit.aliased]
+    eq = main_effect_equivalence(fit, margin).set_index("term")
+    for factor in v["nothing"]:
+        if factor not in eq.index:
+            lines.append(f"- `{factor}`: **inconclusive** on bits/dim: its main effect is aliased among the runs that "
+                         "trained.")  # fmt: skip
+            continue
+        r, e = eq.loc[factor], eff.loc[factor]
+        shown = f"{e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}], HC3 t, Holm p = {_p(e['p_holm'])}"
+        if math.isfinite(r["tost_p_holm"]) and r["tost_p_holm"] <= ALPHA:
+            lines.append(f"- `{factor}`: **equivalent within ±{margin:g}** bits/dim ({shown}; TOST Holm p = "
+                         f"{_p(r['tost_p_holm'])}).")  # fmt: skip
+        else:
+            lines.append(f"- `{factor}`: **inconclusive** on bits/dim, it could only see about ±{r['half']:.3f} "
+                         f"({shown}).")  # fmt: skip
+    if any(f not in v["failing"] for f in v["nothing"]) and fails["p"].notna().any():
+        lines.append("- On failing to train, " + ", ".join(f"`{f}`" for f in v["nothing"]) + ": **inconclusive** "
+                     "(no Holm-corrected Fisher test below 0.05).")  # fmt: skip
     return lines
+
+
+def _failure_kinds(kinds: dict[str, int]) -> list[str]:
+    """What the failures were; the consequence when every one was at initialisation."""
+    if not kinds:
+        return []
+    from study.run.outcome import LABELS
+
+    total = sum(kinds.values())
+    said = ", ".join(f"{n} {LABELS.get(k, k or 'unfinished')}" for k, n in kinds.items())
+    line = f"- The {total} failed runs: {said}."
+    if set(kinds) == {"fails-at-init"}:
+        line += (" Every one was non-finite before any update, so they measure the initialisation, not training "
+                 "stability: clipping, L2 and the precision's GradScaler cannot act before the first step, and their "
+                 "null effects on failing are forced by construction.")  # fmt: skip
+    return [line]
 
 
 def _p(p: float) -> str:

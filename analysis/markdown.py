@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+# a report's findings block: the project README quotes it verbatim (scripts/quote_findings.py)
+FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
+
 
 def md_table(df: pd.DataFrame) -> str:
     """A DataFrame as a Markdown table, cells as ``str`` of their values."""

@@ -19,12 +19,16 @@ import pandas as pd
 from analysis import figures
 from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
-from analysis.markdown import md_table
+from analysis.markdown import FINDINGS_END, FINDINGS_START, md_table
 from analysis.reference import PAPER_BPD, REFERENCES, TOST_MARGIN
 from analysis.stats import failures, tost, variant_table, window_label
+from experiments.ablation import EQUIVALENCE_MARGIN, label
 from study import schema
+from study.run.outcome import LABELS
 
-FINDINGS_START, FINDINGS_END = "<!-- findings:start -->", "<!-- findings:end -->"
+MARGIN_REASON = ("below every gap between successive published CIFAR-10 flows (Real NVP 3.49, Glow 3.35, Flow++ "
+                 "3.08) and about a third of the seed report's epoch-to-epoch spread, 0.137")  # fmt: skip
+
 METHOD = "mean ± sd over seeds [95% Student-t interval], n = runs averaged"
 
 
@@ -105,7 +109,9 @@ def _figures(st: Study, fig_dir: Path) -> None:
     if st.factorial is not None and st.factorial[1].estimable:
         _, fit, data = st.factorial
         figures.half_normal(fit.effects, fig_dir / "half_normal.png")
-        figures.interaction_plots(data[~data["failed"]], _interaction_pairs(fit), fig_dir / "interactions.png")
+        pairs = _interaction_pairs(fit)
+        if pairs:  # none when every interaction is aliased or dropped among the runs that trained
+            figures.interaction_plots(data[~data["failed"]], pairs, fig_dir / "interactions.png")
     with tempfile.TemporaryDirectory() as tmp:
         grids = _samples(runs, Path(tmp), st.uri)
         if grids:
@@ -187,6 +193,23 @@ def _paper_equivalence(st: Study) -> list[str]:
             "looking: equivalent when the 90% interval lies inside the margin.", "", _md(pd.DataFrame(rows)), ""]  # fmt: skip
 
 
+def _results(st: Study) -> list[str]:
+    """Per variant, how many runs ended in each result (study.run.outcome)."""
+    r = st.runs.assign(result=st.runs["result"].replace("", "did not end"))
+    kinds = [k for k in (*LABELS, "did not end") if k in set(r["result"])]
+    table = (r.groupby("variant")["result"].value_counts().unstack(fill_value=0).reindex(columns=kinds, fill_value=0)
+             .reset_index())  # fmt: skip
+    table["variant"] = table["variant"].map(label)
+    return ["## What happened to each run", "",
+            "Per variant, each run's result: *fails at initialisation* (non-finite before any update; GradScaler's own "
+            "skipped steps are not updates), *diverges in training* (non-finite after some updates), *fails in "
+            "evaluation* (training finite, eval-mode validation or test not; its cause says whether batch statistics "
+            "score the same images finitely), *trains badly* (finite, but the final model no better than the uniform "
+            "density's 8 bits/dim, a bar that does not move with the model's size or the run's length), *trained*. "
+            "Only *trained* runs enter a bits/dim comparison; every other result is a failure to train.", "",
+            _md(table.rename(columns={k: LABELS.get(k, k) for k in kinds})), ""]  # fmt: skip
+
+
 def _counted(st: Study) -> list[str]:
     f = st.fails
     shown = f.assign(first_nonfinite_epoch=f["first_nonfinite_epoch"].map(lambda v: "–" if v is None or pd.isna(v) else int(v)))
@@ -201,22 +224,24 @@ def _counted(st: Study) -> list[str]:
 
 def _variants(st: Study) -> list[str]:
     t = st.table
-    label = ", ".join(sorted(set(w for w in t["window"] if w))) or window_label(0, 0, st.window)
+    span = ", ".join(sorted(set(w for w in t["window"] if w))) or window_label(0, 0, st.window)
     rows = pd.DataFrame({
-        "variant": t["variant"],
+        "variant": t["variant"].map(label),
         "finished / runs": [f"{a}/{b}" for a, b in zip(t["finished"], t["runs"], strict=True)],
-        f"val bpd, {label}": [f"{_fmt(m)} ± {_fmt(s)} {_ci(lo, hi)} n={n}" for m, s, lo, hi, n in
+        f"val bpd, {span}": [f"{_fmt(m)} ± {_fmt(s)} {_ci(lo, hi)} n={n}" for m, s, lo, hi, n in
                               zip(t["val_mean"], t["val_std"], t["val_ci_lo"], t["val_ci_hi"], t["val_n"], strict=True)],
         "val bpd, final epoch": [f"{_fmt(m)} ± {_fmt(s)} n={n}" for m, s, n in zip(t["final_mean"], t["final_std"], t["final_n"], strict=True)],
-        "within-run std": t["val_std_within"].map(_fmt),
+        "within-run std of a still-falling curve": t["val_std_within"].map(_fmt),
         "test bpd": [f"{_fmt(m)} ± {_fmt(s)} {_ci(lo, hi)} n={n}" for m, s, lo, hi, n in
                      zip(t["test_mean"], t["test_std"], t["test_ci_lo"], t["test_ci_hi"], t["test_n"], strict=True)],
         "img/s": t["images_per_s"].map(lambda v: _fmt(v, 0)),
     })  # fmt: skip
     return ["## Per variant", "",
-            f"Validation bits/dim (eval mode, fp32, whole validation split) averaged over each run's {label} — the seed "
+            f"Validation bits/dim (eval mode, fp32, whole validation split) averaged over each run's {span} — the seed "
             f"report's statistic is the last 40 of 100 epochs, which these runs are too short for — and the final epoch's "
-            f"value; test bits/dim of the final model, whole test split. Each cell: {METHOD}; finished runs only.",
+            f"value; test bits/dim of the final model, whole test split. Each cell: {METHOD}; finished runs only. The within-run "
+            "std is the spread of a curve that is still falling over so short a window, not comparable with the seed "
+            "report's 0.137 over epochs 61-100.",
             "", _md(rows), ""]  # fmt: skip
 
 
@@ -227,26 +252,35 @@ def _families(st: Study) -> list[str]:
     if c.empty:
         return []
     lines = ["## What acted, and each family's answer", "",
-             "Each member against its comparator, paired over seeds: test bits/dim of the variant minus the comparator's "
-             "(positive = worse), 95% Student-t interval of the mean difference, paired t p, and Holm's step-down "
-             "adjustment within the family (family-wise error 5%). *acted* comes from the activity metrics and from "
-             "bit-identical results alone (a switch that never acted reads *did not act*, never *no effect*). *could see*: "
-             "the smallest mean difference detectable with 80% power at this n and spread. *failed*: runs that did not finish "
-             "with a finite test value, variant · comparator, with Fisher's exact p (two-sided) and its Holm adjustment "
-             "within the family where any run failed.", ""]  # fmt: skip
+             "Each member against its comparator, paired over the seeds where both runs *trained*: test bits/dim of the "
+             "variant minus the comparator's (positive = worse), 95% Student-t interval of the mean difference, the paired "
+             "t p and the exact sign-flip p (no normality; its floor is 2/2^n: 0.25 at 3 pairs, 0.0625 at 5), and Holm's "
+             "step-down adjustment within the family over *m*, every comparison the family declares (fixed before the "
+             "runs; a member that did not act or lacks pairs counts as p = 1). Each verdict is typed: *effect* (Holm "
+             "p <= 0.05), *equivalent within ±m* (TOST of the paired differences against the family's margin, Holm-"
+             f"adjusted; m = {EQUIVALENCE_MARGIN:g} bits/dim: {MARGIN_REASON}), or *inconclusive* with why. *could "
+             "see*: the smallest mean difference detectable with 80% power at the level Holm tested it at, on its n - 1 "
+             "df. *acted* comes from the activity metrics and from bit-identical results alone. *failed*: runs whose "
+             "result is not *trained* (see *Every run counted*), variant · comparator, with Fisher's exact p (two-sided) "
+             "and its Holm adjustment within the family where any run failed.", ""]  # fmt: skip
+    if st.study == "stabilizers":
+        lines += ["The stabilizer study's runs were made before the equivalence margin was declared, so its TOST column "
+                  "is tested at a margin fixed after its runs (the same for every family, for the reason above); the "
+                  "headline study's runs test it as declared before them.", ""]  # fmt: skip
     for fam in families(st.study):
         rows = c[c["family"] == fam.name]
         if rows.empty:
             continue
         table = pd.DataFrame({
-            "variant": rows["variant"], "vs": rows["against"], "switches": rows["switches"],
+            "variant": rows["variant"].map(label), "vs": rows["against"].map(label), "switches": rows["switches"],
             "acted": [("yes" if a else "**no**") + f": {w}" for a, w in zip(rows["acted"], rows["why"], strict=True)],
             "pairs": rows["n_pairs"],
             "Δ test bpd [95% t]": [f"{m:+.3f} {_ci(lo, hi, sign=True)}" if math.isfinite(m) else "–"
                                    for m, lo, hi in zip(rows["mean_diff"], rows["ci_lo"], rows["ci_hi"], strict=True)],
-            "p": rows["p_value"].map(_p), "Holm p": rows["p_holm"].map(_p), "could see": rows["mde"].map(_fmt),
-            "diverged (v/c)": [f"{a}/{b} · {c_}/{d}" for a, b, c_, d in zip(rows["variant_diverged"], rows["variant_runs"],
-                                                                            rows["comparator_diverged"], rows["comparator_runs"], strict=True)],
+            "t p": rows["p_value"].map(_p), "sign-flip p": rows["p_signflip"].map(_p),
+            "Holm p (m)": [f"{_p(p)} ({m})" for p, m in zip(rows["p_holm"], rows["m"], strict=True)],
+            "TOST ±m, Holm p": [f"±{g:g}: {_p(p)}" for g, p in zip(rows["margin"], rows["tost_p_holm"], strict=True)],
+            "could see": rows["mde_holm"].map(_fmt),
             "failed (v/c), Fisher p [Holm]": [
                 f"{r.variant_failed}/{r.variant_runs} · {r.comparator_failed}/{r.comparator_runs}"
                 + (f", {_p(r.fail_p)} [{_p(r.fail_p_holm)}]" if math.isfinite(r.fail_p) else "")
@@ -255,6 +289,25 @@ def _families(st: Study) -> list[str]:
         })  # fmt: skip
         lines += [f"### {fam.name}: {fam.question}", "", _md(table), ""]
     return lines + ["![effects per family](figures/effects.png)", ""]
+
+
+def _precision(st: Study) -> list[str]:
+    """What the study's precisions are, beside the seed report's own (fp16 + GradScaler on a T4)."""
+    amps = sorted(set(st.runs.get("stabilizers.amp", pd.Series(dtype=str)).dropna()))
+    if amps == ["off"] or not amps:
+        return []
+    return ["## Precision as the seed report ran it", "",
+            "The seed report trained in fp16 autocast with a GradScaler on a T4 GPU. `seed-report` substitutes bf16 "
+            "(every table names it so); `seed-report-fp16` is the literal recipe, and the headline study's *precision* "
+            "family contrasts fp16, bf16 and fp32 inside that recipe. "
+            f"Precisions in these runs: {', '.join(f'`{a}`' for a in amps)}.", "",
+            "What fp16 on this CPU means for fp16 on a GPU: the s/t convolutions run through the project's own kernel "
+            "(`study/flows/resnet.py`) with fp16 activations, weights and gradients, fp16 overflow (GradScaler then "
+            "skips the step) and fp16 rounding of every result, the weight gradient accumulated in fp32 and rounded to "
+            "fp16 as GPU kernels do. It does not share with a GPU run: which operations autocast casts to fp16 (CPU and "
+            "CUDA autocast keep different lists), the kernels' accumulation order, or tensor-core rounding. A CPU fp16 "
+            "result therefore says what fp16 storage, range and GradScaler do to the recipe, not what a T4 run's exact "
+            "numbers would be; the GPU check (`scripts/gpu/`) runs the fp16 recipe on CUDA where a device is lent.", ""]  # fmt: skip
 
 
 def _factorial(st: Study) -> list[str]:
@@ -270,7 +323,7 @@ def _factorial(st: Study) -> list[str]:
              "Factors (-1 / +1): " + "; ".join(f"`{f.name}`: {f.label}" for f in FACTORS) + ".", "",
              _md(design.assign(test=design["test"].map(_fmt)).rename(columns={"test": "mean test bpd (finished)"})), "",
              "### Failing to train", "",
-             "Per factor, runs that failed (diverged or no finite test value) at each level; two-sided Fisher exact test, "
+             "Per factor, runs that failed to train (any result but *trained*) at each level; two-sided Fisher exact test, "
              "Holm-adjusted over the factors.", "",
              _md(fails.assign(**{"rate difference": fails["rate difference"].map(lambda v: f"{v:+.2f}"),
                                  "p": fails["p"].map(_p), "p_holm": fails["p_holm"].map(_p)})), "",
@@ -283,14 +336,18 @@ def _factorial(st: Study) -> list[str]:
                           "95% t": [_ci(a, b, sign=True) for a, b in zip(e["ci_lo"], e["ci_hi"], strict=True)],
                           "p": e["p"].map(_p), "Holm p": e["p_holm"].map(_p)})  # fmt: skip
     return lines + [f"OLS of test bits/dim on the factors coded -1/+1, all two-factor interactions and seed as a block, over "
-                    f"the {fit.n} runs that trained ({fit.df_resid} residual degrees of freedom); Holm over all "
-                    f"{len(e)} terms. Conditioned on training: read it beside the failure table.", "",
+                    f"the {fit.n} runs that trained ({fit.df_resid} residual degrees of freedom), with HC3 "
+                    f"(heteroscedasticity-robust) standard errors and t intervals; Holm over the {len(e)} terms reported. "
+                    "Conditioned on training: read it beside the failure table.", "",
+                    *([f"Aliased among the runs that trained, so not reported as effects: {'; '.join(fit.aliased)}.", ""]
+                      if fit.aliased else []),
                     *([f"Not estimable from the runs that trained, so left out of the model: {'; '.join(fit.dropped)}. "
                        "A main effect of a factor in such a pair is measured only where runs of that pair trained "
                        "(its *measured* column).", ""] if fit.dropped else []),
                     _md(table), "",
-                    "![half-normal plot](figures/half_normal.png)", "", "![interactions](figures/interactions.png)", "",
-                    "What the factorial supports:", "", *sentences(fit, fails), ""]  # fmt: skip
+                    "![half-normal plot](figures/half_normal.png)", "",
+                    *(["![interactions](figures/interactions.png)", ""] if _interaction_pairs(fit) else []),
+                    "What the factorial supports:", "", *sentences(fit, fails, EQUIVALENCE_MARGIN), ""]  # fmt: skip
 
 
 def _figure_sections(fig_dir: Path) -> list[str]:
@@ -363,7 +420,7 @@ def findings(st: Study) -> list[str]:
     if st.factorial is not None:
         from analysis.factorial import sentences
 
-        lines += ["**factorial**", "", *sentences(st.factorial[1], st.factorial[0]), ""]
+        lines += ["**factorial**", "", *sentences(st.factorial[1], st.factorial[0], EQUIVALENCE_MARGIN), ""]
     return lines + [FINDINGS_END]
 
 
@@ -376,7 +433,10 @@ def _closing(st: Study) -> list[str]:
              "- Anything about the paper's scale: the model, the data and the training here are reduced; stabilizers "
              "that only matter late in a 100-epoch run of a 19 M-parameter model cannot show up here.",
              "- Whether 3.47 or 3.49 is reproducible: no run here is comparable with those figures.",
-             "- Effects smaller than each comparison's *could see* column: with 3 seeds they are not detectable.", "",
+             (f"- Effects smaller than each comparison's *could see* column: at {st.runs['seed'].nunique()} seeds they "
+              "are not detectable, and such a contrast is *inconclusive*, never *no effect*." if len(st.comparisons) else
+              f"- Effects inside each factor's interval: at {st.runs['seed'].nunique()} seed blocks a factor whose "
+              "interval is wider than the margin is *inconclusive*, never *no effect*."), "",
              "## Runs", "",
              _md(st.runs[["variant", "seed", "outcome", "epochs", "run_id"]].assign(
                  test_bpd=st.runs["test_bpd"].map(_fmt), val_bpd=st.runs["val_bpd"].map(_fmt))), ""]  # fmt: skip
@@ -409,7 +469,7 @@ def generate_report(
     st = collect_study(uri, experiment, window, data, run_audit, lr_experiment)
     fig_dir = out / "figures"
     _figures(st, fig_dir)
-    lines = [*_header(st, command), *_counted(st), *_variants(st), *_families(st), *_factorial(st),
+    lines = [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_families(st), *_precision(st), *_factorial(st),
              *_figure_sections(fig_dir), *_diagnosis_section(st), *_audit_section(st), *_lr_section(st.lr_trials),
              *_closing(st)]  # fmt: skip
     readme = out / "README.md"

@@ -22,6 +22,17 @@ CONF = 0.95
 ALPHA = 0.05
 
 
+def with_result(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with a ``result`` column (study.run.outcome): kept where present, else classified from
+    outcome and test_bpd alone (a frame built by hand, without the runs' divergence events)."""
+    if "result" in runs:
+        return runs
+    from study.run.outcome import classify
+
+    return runs.assign(result=[classify(o, [], float(t)) or "" for o, t in zip(runs["outcome"], runs["test_bpd"],
+                                                                                strict=True)])  # fmt: skip
+
+
 def finite(values) -> np.ndarray:
     """The finite entries of ``values`` (n,) as float."""
     x = np.asarray(values, dtype=float)
@@ -61,6 +72,36 @@ def paired_t_pvalue(diffs) -> float:
     return float(stats.ttest_1samp(d, 0.0).pvalue)
 
 
+def sign_flip_pvalue(diffs) -> float:
+    """Exact two-sided paired permutation p-value for differences (n,): the share of the 2^n sign
+    assignments whose |mean| is at least the observed |mean| (the observed one included). Assumes only
+    that each difference is symmetric about 0 under the null, no normality; its smallest possible value
+    is 2 / 2^n (0.25 at n = 3, 0.0625 at n = 5). NaN when n < 1."""
+    import itertools
+
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 1:
+        return math.nan
+    observed = abs(d.mean())
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    means = np.abs((signs * d).mean(axis=1))
+    # a relative tolerance, so the observed assignment and its mirror always count despite rounding
+    return float((means >= observed * (1 - 1e-12) - 1e-15).mean())
+
+
+def fisher_failures(variant_failed: int, variant_ok: int, other_failed: int, other_ok: int) -> float:
+    """Two-sided Fisher exact p of failing to train, one arm against another (counts of runs). NaN when
+    no run of either arm failed: there is nothing to test, and a 1.0 would read as a test that found
+    nothing. The one Fisher test of the project (the factorial's per-factor tables use it too)."""
+    from scipy.stats import fisher_exact
+
+    if variant_failed + other_failed == 0:
+        return math.nan
+    if variant_ok + other_ok == 0:  # every run of both arms failed: no contrast either
+        return math.nan
+    return float(fisher_exact([[variant_failed, variant_ok], [other_failed, other_ok]]).pvalue)
+
+
 def holm(pvalues) -> np.ndarray:
     """Holm's step-down adjusted p-values for ``pvalues`` (m,), NaN entries left NaN and not counted:
     the i-th smallest of m is m - i + 1 times itself, made monotone, capped at 1. Reject where the
@@ -73,6 +114,17 @@ def holm(pvalues) -> np.ndarray:
     for i, idx in enumerate(order):
         running = max(running, (m - i) * p[idx])
         out[idx] = min(1.0, running)
+    return out
+
+
+def holm_alphas(pvalues, alpha: float = ALPHA) -> np.ndarray:
+    """The level each of ``pvalues`` (m,) is tested at in Holm's step-down procedure: alpha / (m - i)
+    for the i-th smallest (0-based), every entry counted (a NaN, an untested member, ranks last)."""
+    p = np.asarray(pvalues, dtype=float)
+    order = np.argsort(np.where(np.isfinite(p), p, np.inf), kind="stable")
+    out = np.empty(len(p))
+    for i, idx in enumerate(order):
+        out[idx] = alpha / (len(p) - i)
     return out
 
 
@@ -199,9 +251,11 @@ def paired_effect(per_run: pd.DataFrame, value: str, variant: str, against: str)
         "ci_lo": lo,
         "ci_hi": hi,
         "p_value": paired_t_pvalue(diffs),
+        "p_signflip": sign_flip_pvalue(diffs),
         "mde": min_detectable_effect(len(diffs), sd),
         "identical": bool(len(diffs)) and bool(np.all(diffs == 0.0)),
         "excluded": len(shared) - len(ok),
+        "diffs": diffs,
     }
 
 
@@ -209,6 +263,8 @@ def paired_effects(per_run: pd.DataFrame, value: str, baseline: str = "seed-repo
     """:func:`paired_effect` of every other variant against ``baseline``, one row per variant."""
     others = sorted(set(per_run["variant"]) - {baseline})
     rows = [{"variant": v, "against": baseline, **paired_effect(per_run, value, v, baseline)} for v in others]
+    for r in rows:
+        r.pop("diffs")
     return pd.DataFrame(rows)
 
 

@@ -159,6 +159,16 @@ FAMILIES: tuple[Family, ...] = (
 )  # fmt: skip
 
 
+# Variants that substitute something for what the seed report ran: every table and sentence names them
+# with it (analysis uses label()), so `seed-report` is never read as the report's own precision.
+SUBSTITUTES = {"seed-report": "bf16 for its fp16 + GradScaler"}
+
+
+def label(variant: str) -> str:
+    """A variant as reports name it: `name`, with what it substitutes where it does."""
+    return f"`{variant}` ({SUBSTITUTES[variant]})" if variant in SUBSTITUTES else f"`{variant}`"
+
+
 def by_name(names: tuple[str, ...]) -> tuple[Variant, ...]:
     """The stabilizer study's variants of these names, in this order."""
     known = {v.name: v for v in STABILIZERS}

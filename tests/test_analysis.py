@@ -163,8 +163,8 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
         assert needle in text, needle
     assert "bootstrap" not in text and "95% CI" not in text
     # no-l2 is worse by exactly 0.1 on every seed: a zero-spread difference, detectable, in the necessity family
-    row = next(line for line in text.splitlines() if line.startswith("| no-l2 | seed-report |"))
-    assert "+0.100 [+0.100, +0.100]" in row and "detectable effect: worse" in row
+    row = next(line for line in text.splitlines() if line.startswith("| `no-l2` | `seed-report` (bf16 for its fp16"))
+    assert "+0.100 [+0.100, +0.100]" in row and "effect: worse" in row
     assert "| seed-report | 3 | 1 | 0 | 0.003 | 4.100 | 1 | `lr-x` |" in text  # best completed lr, pruned counted
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert {p.name for p in files} >= {
@@ -174,7 +174,7 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
         "effects.png",
         "lr_search.png",
     }
-    assert "<!-- findings:start -->" in text and "`no-l2` is worse than `seed-report`" in text
+    assert "<!-- findings:start -->" in text and "- `no-l2` against `seed-report` (bf16 for its fp16 + GradScaler): **effect**, worse" in text
     before = {p: p.read_bytes() for p in files}
     generate_report(store, "fab", out, window=40, run_audit=False, command="python run_study.py report")
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before

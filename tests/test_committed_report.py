@@ -18,7 +18,7 @@ REPORTS = sorted(p.parent for p in (ROOT / "report").rglob("README.md"))
 
 
 def _command(readme: Path) -> list[str]:
-    m = re.search(r"Generated from MLflow by `python run_study\.py ([^`]+)`", readme.read_text())
+    m = re.search(r"Generated from \S+ by `python run_study\.py ([^`]+)`", readme.read_text())
     assert m, f"{readme} does not name the command that generated it"
     return shlex.split(m.group(1))
 
@@ -36,9 +36,11 @@ def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_p
     args = _command(report / "README.md")
     if any("../shared" in a for a in args) and not (SHARED / "data").exists():
         pytest.skip("the committed study's data (../shared/data) is not beside this checkout")
-    assert "--no-log" in args, "a committed report must not write into the committed store"
+    assert "--no-log" in args or args[0] == "probe-init", "a committed report must not write into the committed store"
     clone = tmp_path / "somewhere" / "clone"
-    store = Path(re.sub(r"^sqlite:///", "", args[args.index("--tracking-uri") + 1]))
+    # what the report is made from: a study's MLflow store, or the initialisation probe's CSV
+    source = args[args.index("--tracking-uri") + 1] if "--tracking-uri" in args else args[args.index("--out") + 1]
+    store = Path(re.sub(r"^sqlite:///", "", source))
     assert not store.is_absolute(), "a committed report must name its store relative to the checkout"
     shutil.copytree(ROOT / store.parent, clone / store.parent)
     (clone.parent / "shared").symlink_to(SHARED)  # ../shared, as beside any checkout
@@ -46,7 +48,7 @@ def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_p
     out = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=clone,
                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    made = clone / args[args.index("--out") + 1]
+    made = clone / args[args.index("--report" if args[0] == "probe-init" else "--out") + 1]
     made_files = {str(p.relative_to(made)) for p in made.rglob("*") if p.is_file()}
     assert made_files == _files(report)
     _, mismatch, errors = filecmp.cmpfiles(report, made, sorted(_files(report)), shallow=False)

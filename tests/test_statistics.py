@@ -235,11 +235,14 @@ def test_verdicts_come_from_activity_and_corrected_tests():
     runs, hist = _family_runs()
     fam = Family("f", "?", "base", ("base", "same", "worse"))
     c = family_comparisons(runs, hist, [fam]).set_index("variant")
-    assert c.loc["same", "verdict"] == "did not act"  # input clamp never moved a value, and identical results
-    assert c.loc["worse", "acted"] and c.loc["worse", "verdict"] == "detectable effect: worse"
-    assert c.loc["worse", "p_holm"] == pytest.approx(c.loc["worse", "p_value"])  # the only test in the family
+    # input clamp never moved a value, and identical results
+    assert c.loc["same", "verdict"] == "inconclusive: did not act" and c.loc["same", "verdict_type"] == "inconclusive"
+    assert c.loc["worse", "acted"] and c.loc["worse", "verdict"] == "effect: worse"
+    # Holm counts both declared comparisons, the untested one as p = 1: the only test is doubled
+    assert c.loc["worse", "m"] == 2 and math.isnan(c.loc["same", "p_holm"])
+    assert c.loc["worse", "p_holm"] == pytest.approx(min(1.0, 2 * c.loc["worse", "p_value"]))
     assert "did not act" in sentence(c.reset_index().iloc[0]) and "no effect" not in sentence(c.reset_index().iloc[0])
-    assert "worse than `base`" in sentence(c.reset_index().iloc[1])
+    assert "**effect**, worse" in sentence(c.reset_index().iloc[1])
 
 
 def test_failing_to_train_is_compared_by_fishers_exact_test_holm_corrected():
@@ -264,6 +267,6 @@ def test_failing_to_train_is_compared_by_fishers_exact_test_holm_corrected():
     assert c.loc["fixed", "fail_p_holm"] == pytest.approx(2 * 2 / 924)  # the smaller of two, times 2
     assert c.loc["half", "fail_p_holm"] == pytest.approx(40 / 220)
     text = sentence(c.reset_index().iloc[0])
-    assert "Failed to train: 0/6 runs against 6/6" in text and "a detectable difference" in text
-    assert "not detectable" in sentence(c.reset_index().iloc[1])
+    assert "Failing to train: 0/6 runs against 6/6" in text and "Holm 0.004: effect" in text
+    assert "Holm 0.182: inconclusive" in sentence(c.reset_index().iloc[1])
     assert math.isnan(family_comparisons(*_family_runs(), [Family("f", "?", "base", ("base", "worse"))])["fail_p"][0])
