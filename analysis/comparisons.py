@@ -28,6 +28,7 @@ import math
 import pandas as pd
 
 from analysis.activity import acted, switches
+from analysis.markdown import fmt_p
 from analysis.stats import (
     ALPHA,
     fisher_failures,
@@ -123,7 +124,7 @@ def failures(row: pd.Series) -> str:
     holm_p = row["fail_p_holm"]
     typed = "effect" if math.isfinite(holm_p) and holm_p <= ALPHA else "inconclusive"
     return (f" Failing to train: {vf}/{row['variant_runs']} runs against {cf}/{row['comparator_runs']} for "
-            f"{label(row['against'])} (Fisher exact p = {_p(row['fail_p'])}, Holm {_p(holm_p)}: {typed}).")
+            f"{label(row['against'])} (Fisher exact p = {fmt_p(row['fail_p'])}, Holm {fmt_p(holm_p)}: {typed}).")
 
 
 def sentence(row: pd.Series) -> str:
@@ -142,8 +143,8 @@ def sentence(row: pd.Series) -> str:
     if row["n_pairs"] < 2:
         return f"- {v} against {a}: **inconclusive**, too few pairs trained to compare bits/dim ({fin}).{fails}{confounded}"
     interval = (f"{row['mean_diff']:+.3f} bits/dim [{row['ci_lo']:+.3f}, {row['ci_hi']:+.3f}] over "
-                f"{row['n_pairs']} paired seeds, Holm p = {_p(row['p_holm'])} of {row['m']}, sign-flip p = "
-                f"{_p(row['p_signflip'])}")  # fmt: skip
+                f"{row['n_pairs']} paired seeds, Holm p = {fmt_p(row['p_holm'])} of {row['m']}, sign-flip p = "
+                f"{fmt_p(row['p_signflip'])}")  # fmt: skip
     kind = row["verdict_type"]
     if kind == "effect":
         direction = "worse" if row["mean_diff"] > 0 else "better"
@@ -153,12 +154,6 @@ def sentence(row: pd.Series) -> str:
         return f"- {v} against {a}: **effect**, {direction} on test bits/dim ({interval}; {fin}).{exact}{fails}{confounded}"
     if kind == "equivalent":
         return (f"- {v} against {a}: **equivalent within ±{row['margin']:g}** bits/dim ({interval}; TOST Holm p = "
-                f"{_p(row['tost_p_holm'])}; {fin}).{fails}{confounded}")  # fmt: skip
+                f"{fmt_p(row['tost_p_holm'])}; {fin}).{fails}{confounded}")  # fmt: skip
     return (f"- {v} against {a}: **inconclusive**, it could only see ±{row['mde_holm']:.3f} bits/dim ({interval}; "
             f"{fin}).{fails}{confounded}")  # fmt: skip
-
-
-def _p(p: float) -> str:
-    if not math.isfinite(p):
-        return "–"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from analysis.markdown import fmt_p
 from analysis.stats import ALPHA, holm, with_result
 from experiments.factorial import FACTORS, levels_of
 
@@ -212,17 +213,17 @@ def sentences(fit: EffectsFit, fails: pd.DataFrame, margin: float = 0.05) -> lis
         where = (f"among runs that trained, {e['given']} (the other corner failed)" if e.get("given")
                  else "averaged over the other factors")  # fmt: skip
         lines.append(f"- `{term}`: **effect**, switching it on changes test bits/dim by {e['effect']:+.3f} "
-                     f"[{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (HC3 t, Holm p = {_p(e['p_holm'])}), {where}.")  # fmt: skip
+                     f"[{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] (HC3 t, Holm p = {fmt_p(e['p_holm'])}), {where}.")  # fmt: skip
     for term in v["interactions"]:
         e = eff.loc[term]
         lines.append(f"- `{term}`: **effect** (interaction) {e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}] "
-                     f"(HC3 t, Holm p = {_p(e['p_holm'])})"
+                     f"(HC3 t, Holm p = {fmt_p(e['p_holm'])})"
                      + (f"; {', '.join(f'`{f}`' for f in v['together'] if f in term.split(' x '))} matter only together with another factor."
                         if any(f in term.split(" x ") for f in v["together"]) else "."))  # fmt: skip
     for factor in v["failing"]:
         f = fails.set_index("factor").loc[factor]
         lines.append(f"- `{factor}`: **effect** on failing to train: failed {f['failed high']} on, {f['failed low']} off "
-                     f"(Fisher exact, Holm p = {_p(f['p_holm'])}).")  # fmt: skip
+                     f"(Fisher exact, Holm p = {fmt_p(f['p_holm'])}).")  # fmt: skip
     lines += [f"- {c[0].upper()}{c[1:]}." for c in fails.attrs.get("corners", [])]
     lines += _failure_kinds(fails.attrs.get("kinds", {}))
     lines += [f"- Not estimable from the runs that trained: {d}." for d in fit.dropped]
@@ -234,10 +235,10 @@ def sentences(fit: EffectsFit, fails: pd.DataFrame, margin: float = 0.05) -> lis
                          "trained.")  # fmt: skip
             continue
         r, e = eq.loc[factor], eff.loc[factor]
-        shown = f"{e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}], HC3 t, Holm p = {_p(e['p_holm'])}"
+        shown = f"{e['effect']:+.3f} [{e['ci_lo']:+.3f}, {e['ci_hi']:+.3f}], HC3 t, Holm p = {fmt_p(e['p_holm'])}"
         if math.isfinite(r["tost_p_holm"]) and r["tost_p_holm"] <= ALPHA:
             lines.append(f"- `{factor}`: **equivalent within ±{margin:g}** bits/dim ({shown}; TOST Holm p = "
-                         f"{_p(r['tost_p_holm'])}).")  # fmt: skip
+                         f"{fmt_p(r['tost_p_holm'])}).")  # fmt: skip
         else:
             lines.append(f"- `{factor}`: **inconclusive** on bits/dim, it could only see about ±{r['half']:.3f} "
                          f"({shown}).")  # fmt: skip
@@ -261,7 +262,3 @@ def _failure_kinds(kinds: dict[str, int]) -> list[str]:
                  "stability: clipping, L2 and the precision's GradScaler cannot act before the first step, and their "
                  "null effects on failing are forced by construction.")  # fmt: skip
     return [line]
-
-
-def _p(p: float) -> str:
-    return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 # a report's findings block: the project README quotes it verbatim (scripts/quote_findings.py)
@@ -15,3 +17,8 @@ def md_table(df: pd.DataFrame) -> str:
     for _, row in df.iterrows():
         lines.append("| " + " | ".join(str(row[c]) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def fmt_p(p: float) -> str:
+    """A p-value as every report prints it: three decimals, "< 0.001" below that, "–" when untested."""
+    return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")

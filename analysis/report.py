@@ -19,7 +19,7 @@ import pandas as pd
 from analysis import figures
 from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
-from analysis.markdown import FINDINGS_END, FINDINGS_START, md_table
+from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_p, md_table
 from analysis.reference import PAPER_BPD, REFERENCES, TOST_MARGIN
 from analysis.stats import failures, tost, variant_table, window_label
 from experiments.ablation import EQUIVALENCE_MARGIN, label
@@ -43,8 +43,6 @@ def _ci(lo, hi, digits: int = 3, sign: bool = False) -> str:
     return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{f(lo)}, {f(hi)}]"
 
 
-def _p(p: float) -> str:
-    return "–" if not math.isfinite(p) else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 _md = md_table
@@ -187,7 +185,7 @@ def _paper_equivalence(st: Study) -> list[str]:
     for variant, r in st.runs.groupby("variant", sort=True):
         t = tost(r["test_bpd"], PAPER_BPD, TOST_MARGIN)
         rows.append({"variant": variant, "n": t["n"], "90% t interval": _ci(t["ci90_lo"], t["ci90_hi"]),
-                     "TOST p": _p(t["p"]), "equivalent to 3.49 ± " + f"{TOST_MARGIN}": "yes" if t["p"] < 0.05 else "no"})  # fmt: skip
+                     "TOST p": fmt_p(t["p"]), "equivalent to 3.49 ± " + f"{TOST_MARGIN}": "yes" if t["p"] < 0.05 else "no"})  # fmt: skip
     return ["## Against the paper (equivalence)", "",
             f"Two one-sided t-tests of test bits/dim against {PAPER_BPD} with a margin of ±{TOST_MARGIN} stated before "
             "looking: equivalent when the 90% interval lies inside the margin.", "", _md(pd.DataFrame(rows)), ""]  # fmt: skip
@@ -277,13 +275,13 @@ def _families(st: Study) -> list[str]:
             "pairs": rows["n_pairs"],
             "Δ test bpd [95% t]": [f"{m:+.3f} {_ci(lo, hi, sign=True)}" if math.isfinite(m) else "–"
                                    for m, lo, hi in zip(rows["mean_diff"], rows["ci_lo"], rows["ci_hi"], strict=True)],
-            "t p": rows["p_value"].map(_p), "sign-flip p": rows["p_signflip"].map(_p),
-            "Holm p (m)": [f"{_p(p)} ({m})" for p, m in zip(rows["p_holm"], rows["m"], strict=True)],
-            "TOST ±m, Holm p": [f"±{g:g}: {_p(p)}" for g, p in zip(rows["margin"], rows["tost_p_holm"], strict=True)],
+            "t p": rows["p_value"].map(fmt_p), "sign-flip p": rows["p_signflip"].map(fmt_p),
+            "Holm p (m)": [f"{fmt_p(p)} ({m})" for p, m in zip(rows["p_holm"], rows["m"], strict=True)],
+            "TOST ±m, Holm p": [f"±{g:g}: {fmt_p(p)}" for g, p in zip(rows["margin"], rows["tost_p_holm"], strict=True)],
             "could see": rows["mde_holm"].map(_fmt),
             "failed (v/c), Fisher p [Holm]": [
                 f"{r.variant_failed}/{r.variant_runs} · {r.comparator_failed}/{r.comparator_runs}"
-                + (f", {_p(r.fail_p)} [{_p(r.fail_p_holm)}]" if math.isfinite(r.fail_p) else "")
+                + (f", {fmt_p(r.fail_p)} [{fmt_p(r.fail_p_holm)}]" if math.isfinite(r.fail_p) else "")
                 for r in rows.itertuples()],
             "verdict": rows["verdict"],
         })  # fmt: skip
@@ -326,7 +324,7 @@ def _factorial(st: Study) -> list[str]:
              "Per factor, runs that failed to train (any result but *trained*) at each level; two-sided Fisher exact test, "
              "Holm-adjusted over the factors.", "",
              _md(fails.assign(**{"rate difference": fails["rate difference"].map(lambda v: f"{v:+.2f}"),
-                                 "p": fails["p"].map(_p), "p_holm": fails["p_holm"].map(_p)})), "",
+                                 "p": fails["p"].map(fmt_p), "p_holm": fails["p_holm"].map(fmt_p)})), "",
              "### Bits/dim among runs that trained", ""]  # fmt: skip
     if not fit.estimable:
         return lines + [f"Not estimable: {fit.why}.", ""]
@@ -334,7 +332,7 @@ def _factorial(st: Study) -> list[str]:
     table = pd.DataFrame({"term": e["term"], "kind": e["kind"], "measured": e["given"].replace("", "over the others"),
                           "effect (high - low)": e["effect"].map(lambda v: f"{v:+.3f}"),
                           "95% t": [_ci(a, b, sign=True) for a, b in zip(e["ci_lo"], e["ci_hi"], strict=True)],
-                          "p": e["p"].map(_p), "Holm p": e["p_holm"].map(_p)})  # fmt: skip
+                          "p": e["p"].map(fmt_p), "Holm p": e["p_holm"].map(fmt_p)})  # fmt: skip
     return lines + [f"OLS of test bits/dim on the factors coded -1/+1, all two-factor interactions and seed as a block, over "
                     f"the {fit.n} runs that trained ({fit.df_resid} residual degrees of freedom), with HC3 "
                     f"(heteroscedasticity-robust) standard errors and t intervals; Holm over the {len(e)} terms reported. "
