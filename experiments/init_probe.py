@@ -69,6 +69,9 @@ def run_probe(base: Config, images, out: Path, grid: list[tuple[str, int, int, i
                     for r in csv.DictReader(f)}  # fmt: skip
     todo = [c for c in grid if c not in done]
     echo(f"init probe: {len(grid)} cells, {len(done & set(grid))} already in {out}, {len(todo)} to run")
+    last_seed = {}  # each (recipe, width, blocks)'s last seed: its line of progress
+    for recipe, width, blocks, seed in grid:
+        last_seed[(recipe, width, blocks)] = max(seed, last_seed.get((recipe, width, blocks), seed))
     new = not out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", newline="") as f:
@@ -82,7 +85,7 @@ def run_probe(base: Config, images, out: Path, grid: list[tuple[str, int, int, i
                    "seconds": round(time.perf_counter() - t0, 2), "git_commit": git_commit()}  # fmt: skip
             writer.writerow(row)
             f.flush()
-            if seed == max(s for (rr, w, b, s) in grid if (rr, w, b) == (recipe, width, blocks)):
+            if seed == last_seed[(recipe, width, blocks)]:
                 echo(f"[{i}/{len(todo)}] {width} maps x {blocks} blocks, {recipe}: last seed non-finite "
                      f"{r['nonfinite_fraction']:.2f} of the batch, max |s| {r['max_abs_s']:.3g}")  # fmt: skip
     return out
