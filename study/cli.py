@@ -60,21 +60,39 @@ def _config(preset: str, data: str | None, overrides: tuple[str, ...], variant: 
     """The preset, with --data and --set applied, then the overrides of an ablation variant (which a
     --set may not contradict: a run's variant tag never disagrees with its config)."""
     from experiments.presets import preset_config
-    from experiments.studies import find_variant
-    from study.config import apply_values, parse_overrides
-    from study.data import DataError, parse_data_spec
+    from study.config import apply_values
+    from study.data import DataError
 
     try:
-        cfg = preset_config(preset)
-        values: dict[str, object] = dict(parse_data_spec(data)) if data else {}
-        values.update(parse_overrides(overrides))
-        if variant is not None:
-            v = find_variant(variant)
-            clash = sorted(k for k in parse_overrides(overrides) if k in v.overrides)
-            if clash:
-                raise ConfigError(f"--set {clash[0]} contradicts variant {variant!r}, which sets it: drop one of them")
-            values.update(v.overrides)
-        return apply_values(cfg, values)
+        return apply_values(preset_config(preset), _requested(data, overrides, variant))
+    except KeyError as e:
+        _fail(str(e.args[0]))
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+
+
+def _requested(data: str | None, overrides: tuple[str, ...], variant: str | None) -> dict[str, object]:
+    """The config values a command line sets explicitly (--data, --set, a variant's overrides)."""
+    from experiments.studies import find_variant
+    from study.config import parse_overrides
+    from study.data import parse_data_spec
+
+    values: dict[str, object] = dict(parse_data_spec(data)) if data else {}
+    values.update(parse_overrides(overrides))
+    if variant is not None:
+        v = find_variant(variant)
+        clash = sorted(k for k in parse_overrides(overrides) if k in v.overrides)
+        if clash:
+            raise ConfigError(f"--set {clash[0]} contradicts variant {variant!r}, which sets it: drop one of them")
+        values.update(v.overrides)
+    return values
+
+
+def _requested_or_fail(data: str | None, overrides: tuple[str, ...], variant: str | None) -> dict[str, object]:
+    from study.data import DataError
+
+    try:
+        return _requested(data, overrides, variant)
     except KeyError as e:
         _fail(str(e.args[0]))
     except (ConfigError, DataError) as e:
@@ -198,7 +216,8 @@ def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, devic
     spec = RunSpec(cfg=cfg, preset=preset, variant=variant or "default", experiment=experiment,
                    tracking_uri=tracking_uri, device=device, checkpoint_root=Path(checkpoint_dir), fresh=fresh,
                    echo=click.echo, description=find_variant(variant).rationale if variant else "",
-                   source="run_study.py train")  # fmt: skip
+                   source="run_study.py train",
+                   requested=_requested_or_fail(data, extra, variant) if resume_run_id else {})  # fmt: skip
     try:
         train_run(spec, resume_run_id=resume_run_id)
     except (ConfigError, DataError) as e:

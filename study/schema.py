@@ -17,6 +17,9 @@ DEVICE = "device"
 TORCH_VERSION = "torch_version"
 THREADS = "threads"
 CHECKPOINT_DIR = "checkpoint_dir"
+# which checkpoint a resume continued from ("last.pt", "prev.pt (last.pt: why it was passed over)", or
+# "none: ... (started again from scratch)"), so a run's record says when a corrupt file was skipped
+RESUMED_FROM = "resumed_from"
 OUTCOME = "outcome"  # see OUTCOMES
 SKIP_REASON = "skip_reason"  # why a cell was not run (outcome skipped)
 INTERRUPTED_BY = "interrupted_by"  # the signal that stopped a run (outcome interrupted): it resumes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -88,3 +89,51 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(tmp_path):
         state, path = checkpoint.load(tmp_path)
     assert state["epoch"] == 1 and path.name == checkpoint.PREV
     assert checkpoint.load(tmp_path / "none") is None
+
+
+def test_flipped_bytes_fail_the_integrity_check_and_fall_back(tmp_path):
+    """torch.load reads a checkpoint with flipped tensor bytes without complaint (it never checks the
+    archive's CRCs); load() checks them first and falls back to prev.pt, saying which record failed."""
+    w = torch.arange(200_000, dtype=torch.float32)
+    checkpoint.save(tmp_path, {"epoch": 1, "w": w})
+    checkpoint.save(tmp_path, {"epoch": 2, "w": w * 2})
+    last = tmp_path / checkpoint.LAST
+    assert checkpoint.problem(last) is None
+    data = bytearray(last.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    last.write_bytes(bytes(data))
+    silently = torch.load(last, weights_only=True)  # what a plain load would have trained on
+    assert silently["epoch"] == 2 and not torch.equal(silently["w"], w * 2)
+    assert "CRC-32" in checkpoint.problem(last)
+    rejected = []
+    with pytest.warns(UserWarning, match="corrupt"):
+        state, path = checkpoint.load(tmp_path, rejected=rejected)
+    assert state["epoch"] == 1 and torch.equal(state["w"], w) and path.name == checkpoint.PREV
+    assert len(rejected) == 1 and rejected[0].startswith("last.pt: record ") and "CRC-32" in rejected[0]
+
+
+def test_a_failed_save_leaves_no_temporary_file_and_the_old_checkpoint(tmp_path, monkeypatch):
+    checkpoint.save(tmp_path, {"epoch": 1})
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.save(tmp_path, {"epoch": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LAST]
+    assert checkpoint.load(tmp_path)[0]["epoch"] == 1
+
+
+def test_temporary_files_of_dead_writers_are_removed_on_the_next_load(tmp_path):
+    checkpoint.save(tmp_path, {"epoch": 1})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".{checkpoint.LAST}.tmp-{dead}"
+    stale.write_bytes(b"half a checkpoint")
+    live = tmp_path / f".{checkpoint.LAST}.tmp-{os.getppid()}"  # a live process: its save may be under way
+    live.write_bytes(b"in progress")
+    assert checkpoint.load(tmp_path)[0]["epoch"] == 1
+    assert not stale.exists() and live.exists()

@@ -298,14 +298,49 @@ def test_diverged_cli_run_exits_zero_and_says_so(store, tmp_path):
     assert "non-finite loss at step 1" in out and ": diverged at epoch 1" in out
 
 
-def test_resume_after_truncated_checkpoint_logs_each_epoch_once(store, tmp_path):
+def _flip_middle(path: Path, n: int = 64) -> None:
+    """Invert ``n`` bytes in the middle of a file: a torn sector, a bad disk, a bad copy."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_resume_after_damaged_checkpoint_falls_back_and_logs_each_epoch_once(store, tmp_path, damage):
+    """A damaged last.pt is never loaded (torch.load would read flipped bytes as other weights, and the
+    run would "diverge"): the resume continues from prev.pt and its record says why."""
     client, run = _kill_after(store, tmp_path, "epoch 3/4")
     last = Path(run.data.tags["checkpoint_dir"]) / checkpoint.LAST
-    last.write_bytes(last.read_bytes()[:100])
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[:100])
+    else:
+        _flip_middle(last)
     resumed = _cli(store, tmp_path)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
-    assert "unreadable" in err and "after epoch 2" in out  # fell back to prev.pt
+    assert "unreadable or corrupt" in err and "after epoch 2" in out  # fell back to prev.pt
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["outcome"] == "completed" and "divergence_causes" not in tags
+    assert tags["resumed_from"].startswith("prev.pt (last.pt: ")
+    assert ("CRC-32" in tags["resumed_from"]) == (damage == "flipped")
+
+
+@pytest.mark.slow(20)
+def test_both_checkpoints_corrupt_restarts_cleanly_and_logs_each_epoch_once(store, tmp_path):
+    client, run = _kill_after(store, tmp_path, "epoch 3/4")
+    folder = Path(run.data.tags["checkpoint_dir"])
+    for name in (checkpoint.LAST, checkpoint.PREV):
+        _flip_middle(folder / name)
+    resumed = _cli(store, tmp_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resuming run" not in out
+    tags = client.get_run(run.info.run_id).data.tags
+    assert tags["resumed_from"].startswith("none (last.pt: ") and "started again from scratch" in tags["resumed_from"]
+    # never a divergence (this tiny 4-epoch run stays above 8 bits/dim: trains-badly, as it would unbroken)
+    assert tags["outcome"] == "completed" and "divergence_causes" not in tags
     assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
 
 
@@ -346,6 +381,13 @@ def test_resume_by_run_id_and_unknown_id(store, tmp_path):
     client, run = _kill_after(store, tmp_path, "epoch 1/4")
     cmd = [sys.executable, str(ROOT / "run_study.py"), "train", "--tracking-uri", store, "--device", "cpu",
            "--resume", run.info.run_id]  # fmt: skip
+    # an override that would change the run is refused before anything is written
+    changed = subprocess.run([*cmd, "--set", "stabilizers.scale_fn=exp"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1, changed.stderr
+    assert "stabilizers.scale_fn is " in changed.stderr and "not 'exp'" in changed.stderr
+    assert "start a new run without --resume" in changed.stderr
+    assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"resuming run {run.info.run_id} after epoch 1" in out.stdout

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from study import distributed, schema, signals
-from study.config import ConfigError, flatten, unflatten
+from study.config import ConfigError, apply_values, flatten, unflatten
 from study.data import ImageSplits, load_splits
 from study.model import check_fits
 from study.run import checkpoint, ownership
@@ -65,9 +65,23 @@ def _named_run(spec: RunSpec, client, resume_run_id: str, uri: str, device: torc
     if found is None:
         raise ConfigError(f"--resume {resume_run_id}: its checkpoint directory has no readable checkpoint")
     spec.cfg = unflatten(found[0]["config"])
+    _refuse_changes(resume_run_id, spec.cfg, spec.requested)
     spec.variant = existing.data.tags.get(schema.VARIANT, spec.variant)
     spec.preset = existing.data.tags.get(schema.PRESET, spec.preset)
     return existing
+
+
+def _refuse_changes(run_id: str, saved, requested: dict) -> None:
+    """A resumed run keeps the configuration it was trained with: an explicit value that would change
+    it (a stabilizer, the learning rate, the epochs) is an error, never silently ignored."""
+    before = flatten(saved)
+    after = flatten(apply_values(saved, requested))
+    changed = [k for k in after if after[k] != before.get(k)]
+    if changed:
+        k = changed[0]
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        raise ConfigError(f"--resume {run_id}: {k} is {before.get(k)!r} in that run, not {after[k]!r}{more}; "
+                          "a resumed run keeps its configuration: drop the change, or start a new run without --resume")
 
 
 def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tuple[str, Path]:
@@ -115,6 +129,18 @@ def _checkpoint_dir(spec: RunSpec, existing) -> Path:
     return ckpt_dir
 
 
+def _record_resume_source(spec: RunSpec, run_id: str, found, rejected: list[str]) -> None:
+    """Tag which checkpoint a resume continues from, and why any newer one was passed over: a corrupt
+    checkpoint is never loaded, so it can never turn into a divergence."""
+    if found is None and not rejected:
+        return  # nothing on disk yet (killed before its first save): a plain start
+    why = f" ({'; '.join(rejected)})" if rejected else ""
+    source = f"{found[1].name}{why}" if found is not None else f"none{why}: started again from scratch"
+    if rejected:
+        spec.echo(f"warning: run {run_id}: {source}")
+    RunLogger(run_id).tags({schema.RESUMED_FROM: source})
+
+
 def _claimable(spec: RunSpec, existing):
     """Refuse a run another live process owns; warn when taking one over from a dead or silent owner."""
     owner = ownership.live_owner(existing)
@@ -155,10 +181,12 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
                 _claimable(spec, existing)
                 run_id = existing.info.run_id
                 ckpt_dir = _checkpoint_dir(spec, existing)
-                found = checkpoint.load(ckpt_dir, map_location=device)
+                rejected: list[str] = []
+                found = checkpoint.load(ckpt_dir, map_location=device, rejected=rejected)
                 if found is not None and found[0].get("mlflow_run_id") != run_id:
                     spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
                     found = None
+                _record_resume_source(spec, run_id, found, rejected)
                 client.update_run(run_id, status="RUNNING")
             else:
                 run_id, ckpt_dir = _new_run(spec, exp_id, key, device)

@@ -55,6 +55,9 @@ class RunSpec:
     description: str = ""  # shown as the run's description in the MLflow UI (a variant's rationale)
     source: str = "run_study.py train"  # the entry point, MLflow's source tag
     hooks: Hooks = field(default_factory=Hooks)
+    # with --resume: the values the command line set explicitly; one that differs from the run's own
+    # config is refused (a resumed run keeps its configuration)
+    requested: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
