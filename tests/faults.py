@@ -6,7 +6,9 @@
 once); ``crash-after-checkpoint=E`` exits like SIGKILL right after epoch E's checkpoint, before MLflow
 hears of the epoch; ``slow-save=S`` and ``slow-log=S`` pause S seconds inside every checkpoint write
 (after the temporary file is written, before it is renamed into place) and before every batch of
-metrics goes to MLflow, so that a kill at a random moment often lands there. Nothing here is
+metrics goes to MLflow, so that a kill at a random moment often lands there; ``host=NAME`` makes the
+process stand for another machine (its owner tags read NAME:PID), ``grace=S`` and ``beat=S`` shorten
+the ownership grace and the heartbeat interval. Nothing here is
 imported by the harness: production runs use study.run.Hooks as is.
 """
 
@@ -62,6 +64,14 @@ def install(faults: list[str]) -> None:
                 real_metrics(self, values, step)
 
             RunLogger.metrics = slow_metrics
+        elif name == "host":  # this process stands for another machine: its owner tags say host:pid
+            import socket
+
+            socket.gethostname = lambda host=value: host
+        elif name in ("grace", "beat"):  # a short ownership grace or heartbeat interval, in seconds
+            import study.run.ownership as own
+
+            setattr(own, "GRACE_S" if name == "grace" else "BEAT_S", float(value))
         else:
             raise SystemExit(f"unknown fault {fault!r}")
 

@@ -158,6 +158,63 @@ def test_a_second_process_on_a_live_run_is_refused_and_a_dead_owner_is_taken_ove
     assert run.data.tags["owner_heartbeat"] == "0"  # released at the end
 
 
+@pytest.mark.slow(40)
+def test_split_brain_across_hosts_stores_every_epoch_once(store, tmp_path):
+    """Host A trains a run and is frozen (SIGSTOP) past the grace; host B, with its own checkpoint folder
+    (A's disk is out of its reach), takes the run over and trains it; then A wakes up. A must notice
+    that the store names B, stop without writing, and exit non-zero with one line naming B."""
+    def host(name, *faults):
+        cmd = _train_cmd(store, tmp_path / name, epochs=8, faults=(f"host={name}", "beat=1", "grace=3", *faults))
+        (tmp_path / name).mkdir(exist_ok=True)
+        return _start(cmd, tmp_path / name)
+
+    a = host("hostA")
+    _wait_for(a, "epoch 2/8")
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        # A's disk is not B's: B cannot see A's checkpoints and trains the run again from scratch
+        (tmp_path / "hostA" / "ckpt").rename(tmp_path / "hostA" / "ckpt-unreachable")
+        time.sleep(5)  # past B's 3 s grace since A's last heartbeat
+        b = host("hostB", "slow-log=0.3")
+        head_b = []
+        for line in b.stdout:  # until B owns the run and is training it
+            head_b.append(line)
+            if line.startswith("epoch 1/8"):
+                break
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    out_a, err_a = a.communicate(timeout=300)
+    out_b, err_b = b.communicate(timeout=300)
+    out_b = "".join(head_b) + out_b
+    assert b.returncode == 0, err_b
+    assert "taking over run" in out_b and f"hostA:{a.pid}" in out_b
+    assert a.returncode == 2, (out_a, err_a)
+    assert err_a.strip().count("\n") == 0 and f"was taken over by hostB:{b.pid}" in err_a, err_a
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("own").experiment_id])
+    for key in ("val_bpd", "train_bpd", "epoch_seconds"):  # every epoch stored exactly once
+        assert [s for s, _ in history(client, run.info.run_id, key)] == list(range(1, 9)), key
+    assert len(history(client, run.info.run_id, "test_bpd")) == 1
+    assert run.info.status == "FINISHED" and run.data.tags["owner"] == f"hostB:{b.pid}"
+
+
+def test_a_refused_process_never_writes_the_owner_tag(store, tmp_path):
+    first = _start(_train_cmd(store, tmp_path, epochs=12, faults=["slow-save=0.5"]), tmp_path)
+    try:
+        _wait_for(first, "epoch 1/12")
+        client = mlflow.MlflowClient(store)
+        (run,) = client.search_runs([client.get_experiment_by_name("own").experiment_id])
+        # a second process on this host whose check of the tags passes (the heartbeat looks stale) is
+        # still refused by the checkpoint folder's lock, before it writes anything
+        refused = subprocess.run(_train_cmd(store, tmp_path, epochs=12, faults=["grace=0"]), cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert refused.returncode == 2 and "is held by" in refused.stderr, refused.stderr
+        assert client.get_run(run.info.run_id).data.tags["owner"] == f"{socket.gethostname()}:{first.pid}"
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+
+
 # --- every stop recorded ----------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ checkpoint. Under torchrun, rank 0 leads (MLflow, checkpoints) and the other ran
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -166,37 +167,40 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
     # machine do not both create a run of one identity
     run_id, beat, started = None, None, False
     try:
-        with ownership.file_lock(spec.checkpoint_root / spec.experiment / ".locks" / f"{key}.lock",
-                                 f"run identity {key}"):  # fmt: skip
-            if existing is None and not spec.fresh:
-                existing = find_run(exp_id, key)
-            done = existing is not None and existing.info.status in ("FINISHED", "FAILED")
-            if done and schema.OUTCOME in existing.data.tags:
-                outcome = existing.data.tags[schema.OUTCOME]
-                spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
-                distributed.broadcast({"done": True}, d)
-                return finished_result(existing)
-            found = None
-            if existing is not None:
-                _claimable(spec, existing)
-                run_id = existing.info.run_id
-                ckpt_dir = _checkpoint_dir(spec, existing)
-                rejected: list[str] = []
-                found = checkpoint.load(ckpt_dir, map_location=device, rejected=rejected)
-                if found is not None and found[0].get("mlflow_run_id") != run_id:
-                    spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
-                    found = None
-                _record_resume_source(spec, run_id, found, rejected)
-                client.update_run(run_id, status="RUNNING")
-            else:
-                run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
-            beat = ownership.Heartbeat(client, run_id).start()
-        with ownership.file_lock(ckpt_dir / ".owner.lock", f"run {run_id}"):
+        with contextlib.ExitStack() as held:
+            with ownership.file_lock(spec.checkpoint_root / spec.experiment / ".locks" / f"{key}.lock",
+                                     f"run identity {key}"):  # fmt: skip
+                if existing is None and not spec.fresh:
+                    existing = find_run(exp_id, key)
+                done = existing is not None and existing.info.status in ("FINISHED", "FAILED")
+                if done and schema.OUTCOME in existing.data.tags:
+                    outcome = existing.data.tags[schema.OUTCOME]
+                    spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
+                    distributed.broadcast({"done": True}, d)
+                    return finished_result(existing)
+                found = None
+                if existing is not None:
+                    _claimable(spec, existing)
+                    ckpt_dir = _checkpoint_dir(spec, existing)
+                    # the folder's lock before any write: a process refused here leaves the run untouched
+                    held.enter_context(ownership.file_lock(ckpt_dir / ".owner.lock", f"run {existing.info.run_id}"))
+                    run_id = existing.info.run_id
+                    rejected: list[str] = []
+                    found = checkpoint.load(ckpt_dir, map_location=device, rejected=rejected)
+                    if found is not None and found[0].get("mlflow_run_id") != run_id:
+                        spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
+                        found = None
+                    _record_resume_source(spec, run_id, found, rejected)
+                    client.update_run(run_id, status="RUNNING")
+                else:
+                    run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
+                    held.enter_context(ownership.file_lock(ckpt_dir / ".owner.lock", f"run {run_id}"))
+                beat = ownership.Heartbeat(client, run_id).start()
             st = new_state(cfg, splits.shape, device)
             if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
                 checkpoint.save(ckpt_dir, to_checkpoint(st, cfg, splits.shape, run_id))
             distributed.broadcast({"done": False, "run_id": run_id, "ckpt_dir": str(ckpt_dir)}, d)
-            run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st)
+            run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st, beat.check)
             if found is not None:
                 _resume(run, st, found)
             started = True  # from here train_to_the_end records how the run ends
@@ -227,11 +231,14 @@ def _follow(spec: RunSpec, splits: ImageSplits, d, device) -> RunResult:
     return train_to_the_end(run, st)
 
 
-def _run(spec, splits, d, device, run_id, ckpt_dir, log, st) -> Run:
+def _run(spec, splits, d, device, run_id, ckpt_dir, log, st, check_owner=None) -> Run:
     data = {name: getattr(splits, name).to(device) for name in ("train", "val", "test")}
     ddp = distributed.wrap(st.model, d, device) if d.enabled else None
     l2_params = st.model.l2_parameters() if spec.cfg.stabilizers.l2 > 0 else []
-    return Run(spec, spec.cfg, device, d, data, splits.shape, run_id, ckpt_dir, log, ddp, l2_params)
+    run = Run(spec, spec.cfg, device, d, data, splits.shape, run_id, ckpt_dir, log, ddp, l2_params)
+    if check_owner is not None:
+        run.check_owner = check_owner
+    return run
 
 
 def _resume(run: Run, st, found) -> None:

@@ -12,6 +12,7 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from study.memory import peak_memory_mb, reset_peak_memory
 from study.metrics import bits_per_dim
 from study.run import checkpoint, divergence
 from study.run.outcome import classify
+from study.run.ownership import LostOwnership
 from study.run.progress import clock, epoch_bar, remaining
 from study.run.spec import RunPruned, RunResult, RunSpec
 from study.run.state import RunState, to_checkpoint
@@ -48,6 +50,9 @@ class Run:
     log: RunLogger
     ddp: torch.nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
     l2_params: list = field(default_factory=list)
+    # raises ownership.LostOwnership once another process has taken the run over (the leader's
+    # Heartbeat.check); called before each checkpoint, each epoch's metrics and the run's end
+    check_owner: Callable[[], None] = field(default=lambda: None)
 
     @property
     def max_norm(self) -> float:
@@ -157,6 +162,7 @@ def record_epoch(run: Run, st: RunState, metrics: dict[str, float], epoch: int) 
     st.history.append(metrics)
     st.epoch = epoch
     t_ckpt = time.perf_counter()
+    run.check_owner()
     if run.d.main:
         checkpoint.save(run.ckpt_dir, to_checkpoint(st, run.cfg, run.image_shape, run.run_id))
     distributed.barrier(run.d)  # a restore on any rank must find this checkpoint
@@ -165,6 +171,7 @@ def record_epoch(run: Run, st: RunState, metrics: dict[str, float], epoch: int) 
     if epoch in run.log.logged:
         return
     log_before = run.log.seconds
+    run.check_owner()
     run.log.metrics({k: v for k, v in metrics.items() if k != schema.EPOCH}, step=epoch)
     if run.d.main and (epoch % run.cfg.train.sample_every == 0 or epoch == run.cfg.train.epochs):
         log_samples(st.model, run.log, epoch)
@@ -214,6 +221,7 @@ def finish(run: Run, st: RunState, outcome: str) -> RunResult:
     test_bpd = None
     if outcome != "diverged" and run.spec.evaluate_test:
         test_bpd = evaluate(st.model, run.data["test"], cfg.train.eval_batch_size, cfg.train.channels_last, run.d)
+        run.check_owner()
         if math.isfinite(test_bpd):
             run.log.metrics({schema.TEST_BPD: test_bpd}, step=final_epoch)
         else:  # no policy can repair the final model: the run diverged at its test
@@ -231,6 +239,7 @@ def finish(run: Run, st: RunState, outcome: str) -> RunResult:
             path = Path(tmp) / schema.DIVERGENCE_EVENTS_FILE
             path.write_text(json.dumps(events, indent=1))
             run.log.artifact(path, schema.EVENTS_DIR)
+    run.check_owner()
     run.log.tags(end_tags)
     if run.d.main:
         run.log.artifact(run.ckpt_dir / checkpoint.LAST, schema.CHECKPOINT_ARTIFACT_DIR)
@@ -264,6 +273,9 @@ def train_to_the_end(run: Run, st: RunState) -> RunResult:
     except RunPruned:
         status = "KILLED"
         return pruned(run, st, st.epoch)
+    except LostOwnership:  # the run is another process's now: its status is not ours to set
+        status = None
+        raise
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the last checkpoint stays, the run can resume
         status = "KILLED"
         run.log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: signals.name(e)})
@@ -272,7 +284,8 @@ def train_to_the_end(run: Run, st: RunState) -> RunResult:
         status = "FAILED"
         raise
     finally:
-        run.log.terminate(status)
+        if status is not None:
+            run.log.terminate(status)
 
 
 def log_samples(model, log: RunLogger, epoch: int) -> None:

@@ -88,12 +88,24 @@ class OwnedError(ConfigError):
     """Another live process owns the run (the message names it and says what to do)."""
 
 
+class LostOwnership(OwnedError):
+    """The run was taken over while this process was silent (paused, cut off): another process owns it
+    now, so this one stops without writing anything more to it."""
+
+
 class Heartbeat:
     """Claims a run for this process (owner tag) and renews its heartbeat from a daemon thread until
-    stopped; stopping clears the heartbeat so the run is free at once."""
+    stopped; stopping clears the heartbeat so the run is free at once.
+
+    The owner checks that it still is one: each beat and each :meth:`check` (before every epoch's
+    checkpoint and metrics, and before the run's end is recorded) reads the owner tag from the store.
+    A process paused past the grace (SIGSTOP, a VM frozen, a network cut) may have been taken over by
+    another host meanwhile; it then stops beating, and :meth:`check` raises LostOwnership, so the two
+    never both write the run's epochs."""
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self.lost_to: str | None = None  # the owner that took the run over, once noticed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="run-heartbeat")
 
@@ -103,13 +115,31 @@ class Heartbeat:
         self._thread.start()
         return self
 
+    def _owner_now(self) -> str | None:
+        return self.client.get_run(self.run_id).data.tags.get(schema.OWNER)
+
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):
             with contextlib.suppress(Exception):  # a missed beat is not worth killing training for
+                owner = self._owner_now()
+                if owner != me():
+                    self.lost_to = owner or "nobody"
+                    return  # never renew a heartbeat for another owner's run
                 self.client.set_tag(self.run_id, schema.OWNER_HEARTBEAT, f"{time.time():.0f}")
+
+    def check(self) -> None:
+        """Raise LostOwnership if the store no longer names this process as the run's owner."""
+        if self.lost_to is None:
+            owner = self._owner_now()
+            if owner != me():
+                self.lost_to = owner or "nobody"
+        if self.lost_to is not None:
+            raise LostOwnership(f"run {self.run_id} was taken over by {self.lost_to} while this process "
+                                f"({me()}) was silent past the {GRACE_S:.0f} s grace; stopping without writing to it")
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            self.client.set_tag(self.run_id, schema.OWNER_HEARTBEAT, "0")
+        if self.lost_to is None:  # a run taken over is the new owner's: its heartbeat is not ours to clear
+            with contextlib.suppress(Exception):
+                self.client.set_tag(self.run_id, schema.OWNER_HEARTBEAT, "0")
