@@ -378,8 +378,7 @@ def _diagnosis_section(st: Study) -> list[str]:
 
     for c in cols[3:]:
         se = table.get("se " + c[4:]) if c.startswith("val ") else None
-        shown[c] = [cell(v, s if se is not None else None) for v, s in
-                    zip(table[c], se if se is not None else table[c], strict=True)]  # fmt: skip
+        shown[c] = [cell(v, s) for v, s in zip(table[c], [None] * len(table) if se is None else se, strict=True)]
     return ["## Diagnosis of `paper-literal-exp`", "",
             f"{source}: the same checkpoint in eval mode (running batch-norm statistics), in train mode (each batch's "
             "own statistics) and in eval mode after re-estimating the running statistics from training batches "

@@ -61,14 +61,8 @@ def _config(preset: str, data: str | None, overrides: tuple[str, ...], variant: 
     --set may not contradict: a run's variant tag never disagrees with its config)."""
     from experiments.presets import preset_config
     from study.config import apply_values
-    from study.data import DataError
 
-    try:
-        return apply_values(preset_config(preset), _requested(data, overrides, variant))
-    except KeyError as e:
-        _fail(str(e.args[0]))
-    except (ConfigError, DataError) as e:
-        _fail(str(e))
+    return _or_fail(lambda: apply_values(preset_config(preset), _requested(data, overrides, variant)))
 
 
 def _requested(data: str | None, overrides: tuple[str, ...], variant: str | None) -> dict[str, object]:
@@ -88,11 +82,12 @@ def _requested(data: str | None, overrides: tuple[str, ...], variant: str | None
     return values
 
 
-def _requested_or_fail(data: str | None, overrides: tuple[str, ...], variant: str | None) -> dict[str, object]:
+def _or_fail(make):
+    """``make()``, with an unknown name or a bad config or data value as a one-line exit 2."""
     from study.data import DataError
 
     try:
-        return _requested(data, overrides, variant)
+        return make()
     except KeyError as e:
         _fail(str(e.args[0]))
     except (ConfigError, DataError) as e:
@@ -217,7 +212,7 @@ def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, devic
                    tracking_uri=tracking_uri, device=device, checkpoint_root=Path(checkpoint_dir), fresh=fresh,
                    echo=click.echo, description=find_variant(variant).rationale if variant else "",
                    source="run_study.py train",
-                   requested=_requested_or_fail(data, extra, variant) if resume_run_id else {})  # fmt: skip
+                   requested=_or_fail(lambda: _requested(data, extra, variant)) if resume_run_id else {})  # fmt: skip
     try:
         train_run(spec, resume_run_id=resume_run_id)
     except (ConfigError, DataError) as e:

@@ -156,6 +156,14 @@ TINY_RUN = {
 }
 
 
+def flip_middle(path, n: int = 64) -> None:
+    """Invert ``n`` bytes in the middle of a file: a torn sector, a bad disk, a bad copy."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
+    path.write_bytes(bytes(data))
+
+
 def tiny_overrides(**extra) -> list[str]:
     """TINY_RUN (plus extra) as --set arguments."""
     values = {**TINY_RUN, **extra}

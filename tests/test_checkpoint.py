@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from study.run import checkpoint
+from tests.conftest import flip_middle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,10 +100,7 @@ def test_flipped_bytes_fail_the_integrity_check_and_fall_back(tmp_path):
     checkpoint.save(tmp_path, {"epoch": 2, "w": w * 2})
     last = tmp_path / checkpoint.LAST
     assert checkpoint.problem(last) is None
-    data = bytearray(last.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
-    last.write_bytes(bytes(data))
+    flip_middle(last)
     silently = torch.load(last, weights_only=True)  # what a plain load would have trained on
     assert silently["epoch"] == 2 and not torch.equal(silently["w"], w * 2)
     assert "CRC-32" in checkpoint.problem(last)

@@ -13,17 +13,10 @@ FP16 = {"stabilizers.amp": "fp16"}
 
 
 class Interrupt(Hooks):
-    """Ctrl-C right after one epoch's checkpoint (the run ends KILLED and resumes), and optionally a
-    NaN loss at one global step, once."""
+    """Ctrl-C right after one epoch's checkpoint: the run ends KILLED and resumes."""
 
-    def __init__(self, after_epoch: int, poison_step: int | None = None):
-        self.after_epoch, self.poison_step = after_epoch, poison_step
-
-    def loss(self, step, loss):
-        if step == self.poison_step:
-            self.poison_step = None
-            return loss * float("nan")
-        return loss
+    def __init__(self, after_epoch: int):
+        self.after_epoch = after_epoch
 
     def after_checkpoint(self, epoch):
         if epoch == self.after_epoch:

@@ -14,7 +14,7 @@ import torch
 from study.config import Config, ConfigError, apply_values, flatten
 from study.run import Hooks, RunSpec, checkpoint, resolve_device, train
 from study.run.step import lr_at
-from tests.conftest import TINY_RUN, tiny_overrides
+from tests.conftest import TINY_RUN, flip_middle, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_EPOCH = [
@@ -298,14 +298,6 @@ def test_diverged_cli_run_exits_zero_and_says_so(store, tmp_path):
     assert "non-finite loss at step 1" in out and ": diverged at epoch 1" in out
 
 
-def _flip_middle(path: Path, n: int = 64) -> None:
-    """Invert ``n`` bytes in the middle of a file: a torn sector, a bad disk, a bad copy."""
-    data = bytearray(path.read_bytes())
-    mid = len(data) // 2
-    data[mid:mid + n] = bytes(b ^ 0xFF for b in data[mid:mid + n])
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["truncated", "flipped"])
 def test_resume_after_damaged_checkpoint_falls_back_and_logs_each_epoch_once(store, tmp_path, damage):
     """A damaged last.pt is never loaded (torch.load would read flipped bytes as other weights, and the
@@ -315,7 +307,7 @@ def test_resume_after_damaged_checkpoint_falls_back_and_logs_each_epoch_once(sto
     if damage == "truncated":
         last.write_bytes(last.read_bytes()[:100])
     else:
-        _flip_middle(last)
+        flip_middle(last)
     resumed = _cli(store, tmp_path)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
@@ -332,7 +324,7 @@ def test_both_checkpoints_corrupt_restarts_cleanly_and_logs_each_epoch_once(stor
     client, run = _kill_after(store, tmp_path, "epoch 3/4")
     folder = Path(run.data.tags["checkpoint_dir"])
     for name in (checkpoint.LAST, checkpoint.PREV):
-        _flip_middle(folder / name)
+        flip_middle(folder / name)
     resumed = _cli(store, tmp_path)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err

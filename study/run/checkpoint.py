@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from study.run.ownership import pid_alive
+
 LAST, PREV = "last.pt", "prev.pt"
 
 
@@ -80,15 +82,8 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
     removed = []
     for path in directory.glob(".*.tmp-*") if directory.is_dir() else ():
         pid = path.name.rpartition("-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive: its save is in progress
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
+            continue  # not ours to judge, or a save in progress
         path.unlink(missing_ok=True)
         removed.append(path.name)
     return removed

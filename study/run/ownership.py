@@ -29,18 +29,23 @@ def me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _alive(owner: str) -> bool | None:
-    """Whether an owner's process exists: known on this host, None (unknown) elsewhere."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id exists on this machine."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: it exists
         return True
     return True
+
+
+def _alive(owner: str) -> bool | None:
+    """Whether an owner's process exists: known on this host, None (unknown) elsewhere."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    return pid_alive(int(pid))
 
 
 def live_owner(run, now: float | None = None) -> str | None:
@@ -115,25 +120,24 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def _owner_now(self) -> str | None:
-        return self.client.get_run(self.run_id).data.tags.get(schema.OWNER)
+    def _still_owned(self) -> bool:
+        """Whether the store still names this process as the owner (once not, never again)."""
+        if self.lost_to is None:
+            owner = self.client.get_run(self.run_id).data.tags.get(schema.OWNER)
+            if owner != me():
+                self.lost_to = owner or "nobody"
+        return self.lost_to is None
 
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):
             with contextlib.suppress(Exception):  # a missed beat is not worth killing training for
-                owner = self._owner_now()
-                if owner != me():
-                    self.lost_to = owner or "nobody"
+                if not self._still_owned():
                     return  # never renew a heartbeat for another owner's run
                 self.client.set_tag(self.run_id, schema.OWNER_HEARTBEAT, f"{time.time():.0f}")
 
     def check(self) -> None:
         """Raise LostOwnership if the store no longer names this process as the run's owner."""
-        if self.lost_to is None:
-            owner = self._owner_now()
-            if owner != me():
-                self.lost_to = owner or "nobody"
-        if self.lost_to is not None:
+        if not self._still_owned():
             raise LostOwnership(f"run {self.run_id} was taken over by {self.lost_to} while this process "
                                 f"({me()}) was silent past the {GRACE_S:.0f} s grace; stopping without writing to it")
 
