@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from experiments import factorial
-from experiments.ablation import FAMILIES, HEADLINE, HEADLINE_FAMILIES, STABILIZERS, Family, Variant
+from experiments.ablation import (
+    FAMILIES,
+    HEADLINE,
+    HEADLINE_FAMILIES,
+    LONG_RUN,
+    LONG_RUN_FAMILIES,
+    STABILIZERS,
+    Family,
+    Variant,
+)
 
 STUDIES: dict[str, tuple[Variant, ...]] = {
     "stabilizers": STABILIZERS,
@@ -11,10 +20,12 @@ STUDIES: dict[str, tuple[Variant, ...]] = {
     "factorial": factorial.HALF,
     "factorial-zero-init": factorial.HALF_ZERO_INIT,
     "factorial-full": factorial.FULL,
+    "long-run": LONG_RUN,
 }
 STUDY_FAMILIES: dict[str, tuple[Family, ...]] = {
     "stabilizers": FAMILIES,
     "headline": HEADLINE_FAMILIES,
+    "long-run": LONG_RUN_FAMILIES,
     # a factorial has no baseline: every cell is read together ("design")
     **{name: (Family(name, "every main effect and two-factor interaction", "design",
                      tuple(v.name for v in cells)),)
@@ -27,6 +38,8 @@ STUDY_DESCRIPTIONS = {
     "factorial-full": "the same five stabilizers, full 2^5 factorial",
     "headline": "the contrasts the README's findings rest on, at 5 paired seeds: bijector, clipping, scale, precision",
     "factorial-zero-init": "the half fraction on a zero-initialised base, whose first forward pass cannot overflow",
+    "long-run": "the seed report's own statistic, last 40 of 100 epochs, for its recipe, the paper's and exp+softplus "
+                "(preset cifar-long)",
 }
 FACTORIAL_STUDIES = ("factorial", "factorial-full", "factorial-zero-init")
 
