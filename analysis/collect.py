@@ -256,10 +256,12 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
     history = history.sort_values(["variant", "seed", "epoch"]).reset_index(drop=True)
     parent_rows = [
         {"run_id": p.info.run_id, "study": p.data.tags.get("study"), "preset": p.data.tags.get("preset"),
-         "git_commit": p.data.tags.get("git_commit")}
+         "git_commit": p.data.tags.get("git_commit"), "status": p.info.status,
+         "cells_planned": int(p.data.tags[schema.CELLS_PLANNED]) if schema.CELLS_PLANNED in p.data.tags else None}
         for p in parents
     ]  # fmt: skip
-    return runs, history, pd.DataFrame(parent_rows, columns=["run_id", "study", "preset", "git_commit"])
+    columns = ["run_id", "study", "preset", "git_commit", "status", "cells_planned"]
+    return runs, history, pd.DataFrame(parent_rows, columns=columns)
 
 
 def collect_lr_search(tracking_uri: str | None, experiment: str) -> pd.DataFrame:

@@ -21,7 +21,7 @@ from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
 from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_p, md_table
 from analysis.reference import PAPER_BPD, REFERENCES, TOST_MARGIN
-from analysis.stats import failures, tost, variant_table, window_label
+from analysis.stats import failures, tost, variant_table
 from experiments.ablation import EQUIVALENCE_MARGIN, label
 from study import schema
 from study.metrics import UNIFORM_BPD
@@ -149,7 +149,7 @@ def _header(st: Study, command: str) -> list[str]:
     epochs = sorted({int(e) for e in runs.get("train.epochs", runs["epochs"])})  # configured, not reached
     commits = sorted(set(everything["git_commit"]) | set(parents["git_commit"].dropna()))
     dirty = int(everything["git_commit"].str.endswith("-dirty").sum())
-    lines = [f"# Real NVP stabilizer study: {st.experiment}", "",
+    lines = [f"# Real NVP stabilizer study: {st.experiment}", "", *_unfinished(st),
              f"Generated from MLflow by `{command or 'python run_study.py report'}`. Do not edit by hand: "
              "re-running the command rewrites this file and figures/ identically.", ""]  # fmt: skip
     if first.get("preset") != "paper":
@@ -171,6 +171,29 @@ def _header(st: Study, command: str) -> list[str]:
         "## Reference figures", "",
         _md(pd.DataFrame([{**r, "spread": _fmt(r["spread"]) if r["spread"] else "–"} for r in REFERENCES])), "",
         *_paper_equivalence(st), ]  # fmt: skip
+
+
+def unfinished_cells(all_runs: pd.DataFrame, parents: pd.DataFrame) -> dict | None:
+    """How far an unfinished study got: {finished, running, planned (None when a parent predates the
+    count)}; None when every planned cell (every recorded one, without a count) has ended.
+    all_runs: one row per child run (status, outcome); parents: one row per study parent (cells_planned)."""
+    ended = (all_runs["status"] != "RUNNING") & ~all_runs["outcome"].isin(["unfinished", "interrupted"])
+    finished, running = int(ended.sum()), int((all_runs["status"] == "RUNNING").sum())
+    known = parents["cells_planned"].dropna()
+    planned = int(known.sum()) if len(known) == len(parents) and len(parents) else None
+    if finished >= (planned if planned is not None else len(all_runs)):
+        return None
+    return {"finished": finished, "running": running, "planned": planned}
+
+
+def _unfinished(st: Study) -> list[str]:
+    state = unfinished_cells(st.all_runs, st.parents)
+    if state is None:
+        return []
+    of = f" of {state['planned']} planned" if state["planned"] is not None else f" of {len(st.all_runs)} recorded"
+    return [f"> **Unfinished study: {state['finished']}{of} cells have finished** ({state['running']} running). "
+            "Every table and figure below covers the runs that ended so far: run the study's command again to "
+            "complete it, then regenerate this report.", ""]  # fmt: skip
 
 
 def _images(first: pd.Series) -> str:
@@ -223,7 +246,7 @@ def _counted(st: Study) -> list[str]:
 
 def _variants(st: Study) -> list[str]:
     t = st.table
-    span = ", ".join(sorted(set(w for w in t["window"] if w))) or window_label(0, 0, st.window)
+    span = ", ".join(sorted(set(w for w in t["window"] if w))) or "last epochs (no run has finished yet)"
     rows = pd.DataFrame({
         "variant": t["variant"].map(label),
         "finished / runs": [f"{a}/{b}" for a, b in zip(t["finished"], t["runs"], strict=True)],

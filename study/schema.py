@@ -22,7 +22,7 @@ CHECKPOINT_DIR = "checkpoint_dir"
 RESUMED_FROM = "resumed_from"
 OUTCOME = "outcome"  # see OUTCOMES
 SKIP_REASON = "skip_reason"  # why a cell was not run (outcome skipped)
-INTERRUPTED_BY = "interrupted_by"  # the signal that stopped a run (outcome interrupted): it resumes
+INTERRUPTED_BY = "interrupted_by"  # the signal (or disk-full) that stopped a run (outcome interrupted): it resumes
 OWNER, OWNER_HEARTBEAT = "owner", "owner_heartbeat"  # host:pid of the process training a run, its last beat
 FAMILY = "family"  # the ablation family a cell's variant belongs to
 # MLflow's own: the UI shows these as the run's description, source and commit
@@ -43,6 +43,7 @@ MACHINE, SIZE = "machine", "size"
 PARENT = "mlflow.parentRunId"  # MLflow's own
 
 KIND_STUDY_PARENT = "study-parent"
+CELLS_PLANNED = "cells_planned"  # on a study's parent: the cells of the grid it last ran (skipped ones too)
 KIND_LR_SEARCH = "lr-search"
 KIND_BENCH = "bench"
 

@@ -23,9 +23,13 @@ def _raise(signum, _frame):
 
 
 def install() -> None:
-    """Turn SIGTERM and SIGHUP into :class:`Terminated` in this process (call from the main thread)."""
+    """Turn SIGTERM and SIGHUP into :class:`Terminated` in this process, and SIGINT into Python's
+    KeyboardInterrupt even where it arrived ignored (call from the main thread). A command started in
+    the background of a script inherits SIGINT ignored, and Python then installs no handler of its
+    own: such a study could not be stopped by Ctrl-C or ``kill -INT``."""
     for sig in HANDLED:
         signal.signal(sig, _raise)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def name(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from study import schema
+from study.storage import PatientClient, patiently
 
 DEFAULT_DB = "mlflow.db"
 # no "View run ..." lines and no artifact progress bars in the study's output
@@ -119,7 +120,7 @@ def setup(uri: str | None, experiment: str) -> tuple[str, str]:
     if uri.startswith("file:") or "://" not in uri:
         raise ValueError(f"tracking URI {uri!r} is a file store, which MLflow deprecates: use sqlite:///PATH.db")
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
+    client = PatientClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         root = _artifact_root(uri)
@@ -137,7 +138,7 @@ def setup(uri: str | None, experiment: str) -> tuple[str, str]:
         if exp.lifecycle_stage == "deleted":
             raise ValueError(f"experiment {experiment!r} is deleted in {uri}: restore it or pick another name")
         exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
+    patiently(lambda: mlflow.set_experiment(experiment_id=exp_id), "MLflow set_experiment")
     return uri, exp_id
 
 
@@ -146,7 +147,6 @@ def create_run(experiment_id: str, name: str, tags: dict[str, Any], params: dict
     """The one way the study creates an MLflow run (training runs, study and search parents, bench):
     with its tags, the git commit (ours, and MLflow's own source tags, which the UI shows), a
     description, and its params. Returns the run id."""
-    import mlflow
     from mlflow.entities import Param
 
     commit = git_commit()
@@ -158,7 +158,7 @@ def create_run(experiment_id: str, name: str, tags: dict[str, Any], params: dict
         tags[schema.NOTE] = description
     if parent_run_id:
         tags[schema.PARENT] = parent_run_id
-    client = mlflow.MlflowClient()
+    client = PatientClient()
     run_id = client.create_run(experiment_id, tags=tags, run_name=name).info.run_id
     if params:
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
@@ -167,21 +167,18 @@ def create_run(experiment_id: str, name: str, tags: dict[str, Any], params: dict
 
 def find_run(experiment_id: str, run_key: str):
     """The newest run tagged with ``run_key``, or None."""
-    import mlflow
-
-    runs = mlflow.MlflowClient().search_runs(
+    runs = PatientClient().search_runs(
         [experiment_id], filter_string=f"tags.{schema.RUN_KEY} = '{run_key}'", order_by=["attributes.start_time DESC"]
     )
     return runs[0] if runs else None
 
 
 class RunLogger:
-    """The few MLflow calls a training run makes, with the time they take counted (logging overhead)."""
+    """The few MLflow calls a training run makes, with the time they take counted (logging overhead);
+    each waits out a locked store (study.storage)."""
 
     def __init__(self, run_id: str):
-        import mlflow
-
-        self.client = mlflow.MlflowClient()
+        self.client = PatientClient()
         self.run_id = run_id
         self.seconds = 0.0
         # epochs MLflow already holds: an epoch re-trained after a resume from an older checkpoint

@@ -8,7 +8,8 @@ hears of the epoch; ``slow-save=S`` and ``slow-log=S`` pause S seconds inside ev
 (after the temporary file is written, before it is renamed into place) and before every batch of
 metrics goes to MLflow, so that a kill at a random moment often lands there; ``host=NAME`` makes the
 process stand for another machine (its owner tags read NAME:PID), ``grace=S`` and ``beat=S`` shorten
-the ownership grace and the heartbeat interval. Nothing here is
+the ownership grace and the heartbeat interval; ``fill-disk=E:FOLDER`` fills FOLDER's filesystem
+right after epoch E's checkpoint (a file ``FOLDER/filler`` grown until the disk refuses). Nothing here is
 imported by the harness: production runs use study.run.Hooks as is.
 """
 
@@ -72,8 +73,26 @@ def install(faults: list[str]) -> None:
             import study.run.ownership as own
 
             setattr(own, "GRACE_S" if name == "grace" else "BEAT_S", float(value))
+        elif name == "fill-disk":
+            at, _, folder = value.partition(":")
+            Hooks.after_checkpoint = lambda _hooks, epoch, at=int(at), folder=folder: (
+                fill(Path(folder) / "filler") if epoch == at else None)
         else:
             raise SystemExit(f"unknown fault {fault!r}")
+
+
+def fill(path: Path) -> None:
+    """Grow ``path`` until its filesystem is full (a real ENOSPC, not a mock)."""
+    import errno
+
+    with open(path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush at close
+        for block in (65536, 4096, 512, 1):
+            try:
+                while True:
+                    f.write(b"\0" * block)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
 
 
 def run_cli(faults: list[str], args: list[str], cwd: str, out: str) -> None:

@@ -5,6 +5,7 @@ import math
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -184,6 +185,37 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
     assert "report/README.md" in {
         a.path for a in mlflow.MlflowClient(store).list_artifacts(parent.info.run_id, "report")
     }
+
+
+def test_a_report_on_an_unfinished_study_says_so_in_its_first_lines(store, tmp_path):
+    from analysis.report import generate_report
+
+    parent = _fabricate(store, seeds=(0, 1))  # 4 cells finished
+    client = mlflow.MlflowClient(store)
+    client.set_tag(parent, "cells_planned", "6")  # as the ablation records it
+    exp = client.get_experiment_by_name("fab").experiment_id
+    for seed in (2, 3):  # one cell training (no epoch yet), one interrupted
+        run = client.create_run(exp, tags={"variant": "seed-report", "seed": str(seed), "mlflow.parentRunId": parent,
+                                           "device": "cpu", "git_commit": "abc", "preset": "demo"}).info.run_id  # fmt: skip
+    client.set_tag(run, "outcome", "interrupted")
+    client.set_terminated(run, "KILLED")
+    text = generate_report(store, "fab", tmp_path / "r", window=40, run_audit=False, command="x").read_text()
+    head = "\n".join(text.splitlines()[:3])
+    assert "**Unfinished study: 4 of 6 planned cells have finished** (1 running)" in head, head
+    assert "last 0 of 0" not in text
+
+
+def test_unfinished_cells_counts_what_ended_against_the_plan():
+    from analysis.report import unfinished_cells
+
+    runs = pd.DataFrame({"status": ["FINISHED", "FAILED", "KILLED", "KILLED"],
+                         "outcome": ["completed", "diverged", "skipped", "interrupted"]})  # fmt: skip
+    parents = pd.DataFrame({"cells_planned": [4]})
+    assert unfinished_cells(runs, parents) == {"finished": 3, "running": 0, "planned": 4}
+    assert unfinished_cells(runs.iloc[:3], pd.DataFrame({"cells_planned": [3]})) is None
+    legacy = pd.DataFrame({"cells_planned": [None]})  # a parent from before the count: the recorded runs
+    assert unfinished_cells(runs.iloc[:3], legacy) is None
+    assert unfinished_cells(runs, legacy) == {"finished": 3, "running": 0, "planned": None}
 
 
 def test_report_without_runs_is_a_one_line_error(store, tmp_path):

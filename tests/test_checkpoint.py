@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from study.run import checkpoint
+from study.storage import StorageFault
 from tests.conftest import flip_middle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_a_failed_save_leaves_no_temporary_file_and_the_old_checkpoint(tmp_path,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(StorageFault, match="the disk is full"):  # one line for the user, not a traceback
         checkpoint.save(tmp_path, {"epoch": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LAST]
     assert checkpoint.load(tmp_path)[0]["epoch"] == 1

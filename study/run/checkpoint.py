@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from study.run.ownership import pid_alive
+from study.storage import disk_full, full_disk_fault
 
 LAST, PREV = "last.pt", "prev.pt"
 
@@ -68,9 +69,11 @@ def save(directory: Path, state: dict[str, Any]) -> Path:
             os.link(last, link)
             os.replace(link, directory / PREV)
         os.replace(tmp, last)
-    except BaseException:  # a full disk, a signal: no temporary file stays, last.pt is the old state
+    except BaseException as e:  # a full disk, a signal: no temporary file stays, last.pt is the old state
         tmp.unlink(missing_ok=True)
         link.unlink(missing_ok=True)
+        if isinstance(e, Exception) and disk_full(e):  # torch.save wraps ENOSPC in a RuntimeError
+            raise full_disk_fault(f"checkpoint {last}", e) from None
         raise
     _fsync_dir(directory)
     return last

@@ -19,6 +19,7 @@ from study.run import checkpoint, ownership
 from study.run.loop import Run, train_to_the_end
 from study.run.spec import RunResult, RunSpec, finished_result, resolve_device, run_key
 from study.run.state import new_state, restore, to_checkpoint
+from study.storage import PatientClient, StorageFault, patiently
 from study.tracking import NullLogger, RunLogger, check_tracking_uri, create_run, find_run, resolve_tracking_uri, setup
 
 
@@ -106,10 +107,10 @@ def _open_store(spec: RunSpec, resume_run_id: str | None, splits: ImageSplits | 
         return setup(spec.tracking_uri, spec.experiment)[1], None, splits
     uri = resolve_tracking_uri(spec.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    existing = _named_run(spec, mlflow.MlflowClient(), resume_run_id, uri, device)
+    existing = _named_run(spec, PatientClient(), resume_run_id, uri, device)
     splits = splits or load_splits(spec.cfg.data)
     check_fits(spec.cfg, splits.shape)
-    mlflow.set_experiment(experiment_id=existing.info.experiment_id)
+    patiently(lambda: mlflow.set_experiment(experiment_id=existing.info.experiment_id), "MLflow set_experiment")
     return existing.info.experiment_id, existing, splits
 
 
@@ -156,10 +157,8 @@ def _claimable(spec: RunSpec, existing):
 
 def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device) -> RunResult:
     """Rank 0 (or the only process): find or create the MLflow run, claim it, then train it."""
-    import mlflow
-
     exp_id, existing, splits = _open_store(spec, resume_run_id, splits, device)
-    client = mlflow.MlflowClient()
+    client = PatientClient()
     cfg, key = spec.cfg, run_key(spec.variant, spec.cfg)
     if cfg.train.threads:  # before the run records its thread count
         torch.set_num_threads(cfg.train.threads)
@@ -210,6 +209,11 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
             log = RunLogger(run_id)
             log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: signals.name(e)})
             log.terminate("KILLED")
+        raise
+    except StorageFault as e:  # a store locked past the wait takes no heartbeat-clearing write either
+        if beat is not None:
+            beat.stop(clear=not e.locked)
+            beat = None
         raise
     finally:
         if beat is not None:

@@ -32,6 +32,7 @@ from study.run.progress import clock, epoch_bar, remaining
 from study.run.spec import RunPruned, RunResult, RunSpec
 from study.run.state import RunState, to_checkpoint
 from study.run.step import evaluate, lr_at, train_step
+from study.storage import StorageFault, best_effort
 from study.tracking import RunLogger
 
 
@@ -276,6 +277,13 @@ def train_to_the_end(run: Run, st: RunState) -> RunResult:
     except LostOwnership:  # the run is another process's now: its status is not ours to set
         status = None
         raise
+    except StorageFault as e:  # the last checkpoint is whole: the same command resumes from it
+        status = None
+        if not e.locked:  # a full disk may still take two small records; a locked store takes none
+            with best_effort():
+                run.log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: "disk-full"})
+                run.log.terminate("KILLED")
+        raise  # else the run stays RUNNING, its owner gone when this process exits: it is taken over
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: the last checkpoint stays, the run can resume
         status = "KILLED"
         run.log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: signals.name(e)})

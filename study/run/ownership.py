@@ -110,6 +110,8 @@ class Heartbeat:
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        # for what may be missed (a beat, the last clear): a plain client, which never waits on a locked store
+        self._plain = getattr(client, "impatient", client)
         self.lost_to: str | None = None  # the owner that took the run over, once noticed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="run-heartbeat")
@@ -120,10 +122,10 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def _still_owned(self) -> bool:
+    def _still_owned(self, client=None) -> bool:
         """Whether the store still names this process as the owner (once not, never again)."""
         if self.lost_to is None:
-            owner = self.client.get_run(self.run_id).data.tags.get(schema.OWNER)
+            owner = (client or self.client).get_run(self.run_id).data.tags.get(schema.OWNER)
             if owner != me():
                 self.lost_to = owner or "nobody"
         return self.lost_to is None
@@ -131,9 +133,9 @@ class Heartbeat:
     def _beat(self) -> None:
         while not self._stop.wait(BEAT_S):
             with contextlib.suppress(Exception):  # a missed beat is not worth killing training for
-                if not self._still_owned():
+                if not self._still_owned(self._plain):
                     return  # never renew a heartbeat for another owner's run
-                self.client.set_tag(self.run_id, schema.OWNER_HEARTBEAT, f"{time.time():.0f}")
+                self._plain.set_tag(self.run_id, schema.OWNER_HEARTBEAT, f"{time.time():.0f}")
 
     def check(self) -> None:
         """Raise LostOwnership if the store no longer names this process as the run's owner."""
@@ -141,9 +143,11 @@ class Heartbeat:
             raise LostOwnership(f"run {self.run_id} was taken over by {self.lost_to} while this process "
                                 f"({me()}) was silent past the {GRACE_S:.0f} s grace; stopping without writing to it")
 
-    def stop(self) -> None:
+    def stop(self, clear: bool = True) -> None:
+        """Stop beating and clear the heartbeat (the run is free at once); ``clear=False`` when the store
+        cannot take the write (locked): the run is then free once this pid is gone or the grace passes."""
         self._stop.set()
         self._thread.join(timeout=5)
-        if self.lost_to is None:  # a run taken over is the new owner's: its heartbeat is not ours to clear
+        if clear and self.lost_to is None:  # a run taken over is the new owner's: its heartbeat is not ours
             with contextlib.suppress(Exception):
-                self.client.set_tag(self.run_id, schema.OWNER_HEARTBEAT, "0")
+                self._plain.set_tag(self.run_id, schema.OWNER_HEARTBEAT, "0")

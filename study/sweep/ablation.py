@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from experiments.ablation import Variant
 from experiments.studies import families, get_study
 from study import schema
 from study.config import Config, ConfigError, apply_values, flatten, identity
+from study.storage import PatientClient
 from study.sweep import driver
 
 HEARTBEAT_S = 10  # a worker's trial is stale after GRACE_S without a heartbeat
@@ -315,16 +315,7 @@ def record_skipped(plan: Plan, parent_run_id: str) -> int:
 
 
 def _worker_main(plan: Plan, parent_run_id: str, worker: int, threads: int) -> None:
-    import sys
-
-    from study import signals
-
-    signals.install()
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    try:
-        work(plan, parent_run_id, worker, echo=lambda s: print(s, flush=True), threads=threads)
-    except KeyboardInterrupt as e:  # its run is recorded as interrupted; the coordinator re-queues the cell
-        sys.exit(signals.exit_code(e))
+    driver.run_worker(lambda: work(plan, parent_run_id, worker, echo=lambda s: print(s, flush=True), threads=threads))
 
 
 # --- the whole study --------------------------------------------------------------------------------
@@ -364,6 +355,8 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
     import pandas as pd
 
     parent = driver.prepare(plan.sweep)
+    planned = (len(plan.variants) + len(plan.skipped)) * len(plan.seeds)
+    PatientClient().set_tag(parent, schema.CELLS_PLANNED, planned)  # a report on an unfinished study says so
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
     if record_skipped(plan, parent):
         echo(f"recorded {len(plan.skipped) * len(plan.seeds)} cell(s) this device cannot run as skipped")
@@ -376,12 +369,10 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
         states = cell_states(_load_study(plan))
         return all(states.get(c) == "COMPLETE" for c in plan.cells)
 
-    try:
+    with driver.finishing(plan.sweep, parent, done):
         driver.run_until_done(plan.sweep, workers, lambda: work(plan, parent, 0, echo, progress=True), _worker_main,
                               (plan, parent), done, lambda: requeue(plan, _load_study(plan)), progress, echo,
                               poll_s)  # fmt: skip
-    finally:
-        driver.finish(plan.sweep, parent, done())
     rows = summary_rows(plan)
     echo(pd.DataFrame(rows).to_string(index=False))
     return rows

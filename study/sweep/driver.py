@@ -10,8 +10,10 @@ run of the sweep's parent run. The ablation (sweep/ablation.py) and the learning
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from study import schema
 
 MAX_RETRY = 3  # a killed worker's trial is re-queued at most this many times
+STORAGE_FAULT_EXIT = 75  # a worker stopped by a full disk or a store locked past the wait (EX_TEMPFAIL)
 PARENT_ATTR = "mlflow_parent_run_id"  # on a sweep's parent claim study (_claim_parent)
 CLAIM_PREFIX = "mlflow-parent-"  # the claim studies' names: trial-less Optuna studies beside the sweeps
 
@@ -51,6 +54,7 @@ def heartbeat_storage(url: str, heartbeat: int, grace: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet_stopped_trials()
     # heartbeats and the stale-trial retry are marked experimental; they are what we rely on
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     for attempt in range(6):
@@ -65,6 +69,41 @@ def heartbeat_storage(url: str, heartbeat: int, grace: int):
             if attempt == 5:
                 raise
             time.sleep(1.0 + attempt)
+
+
+class _StoppedTrial(logging.Filter):
+    """Optuna logs a traceback for a trial stopped by Ctrl-C, SIGTERM or a storage fault; the worker says
+    it in one line instead (the trial still fails, and is re-queued)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from study.storage import StorageFault
+
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (KeyboardInterrupt, StorageFault))
+
+
+def _quiet_stopped_trials() -> None:
+    log = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _StoppedTrial) for f in log.filters):
+        log.addFilter(_StoppedTrial())
+
+
+def run_worker(work: Callable[[], object]) -> None:
+    """The body of a spawned worker: SIGTERM and SIGHUP handled like Ctrl-C (its run is recorded as
+    interrupted, the coordinator re-queues the cell), a storage fault one line and STORAGE_FAULT_EXIT."""
+    import sys
+
+    from study import signals
+    from study.storage import StorageFault
+
+    signals.install()
+    try:
+        work()
+    except KeyboardInterrupt as e:
+        sys.exit(signals.exit_code(e))
+    except StorageFault as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(STORAGE_FAULT_EXIT)
 
 
 def storage(sweep: Sweep):
@@ -148,9 +187,25 @@ def _live(run_id: str) -> bool:
 
 
 def finish(sweep: Sweep, parent: str, finished: bool) -> None:
-    import mlflow
+    from study.storage import PatientClient
 
-    mlflow.MlflowClient().set_terminated(parent, "FINISHED" if finished else "KILLED")
+    PatientClient().set_terminated(parent, "FINISHED" if finished else "KILLED")
+
+
+@contextlib.contextmanager
+def finishing(sweep: Sweep, parent: str, done: Callable[[], bool]):
+    """The parent run ends FINISHED once ``done()``, else KILLED (interrupted, crashed); after a storage
+    fault it stays RUNNING like its cells, since the store may take no write now."""
+    from study.storage import StorageFault
+
+    try:
+        yield
+    except StorageFault:
+        raise
+    except BaseException:
+        finish(sweep, parent, done())
+        raise
+    finish(sweep, parent, done())
 
 
 def start_workers(target, workers: int, *args) -> list[multiprocessing.Process]:
@@ -179,7 +234,10 @@ def run_until_done(
     """Rounds of work until ``done()``: each round re-queues what needs it (``before_round``, the
     coordinator only, so a trial is re-queued once), then works in this process (one worker) or in
     ``workers`` spawned processes, then waits for trials that other machines or killed workers still
-    hold (stale after ``sweep.grace`` s)."""
+    hold (stale after ``sweep.grace`` s). A worker stopped by a storage fault stops the others and
+    raises StorageFault: another round would meet the same disk or lock."""
+    from study.storage import StorageFault
+
     while True:
         before_round()
         if workers == 1:
@@ -189,15 +247,19 @@ def run_until_done(
             try:
                 while any(p.is_alive() for p in procs):
                     time.sleep(poll_s)
+                    if any(p.exitcode == STORAGE_FAULT_EXIT for p in procs):
+                        raise _stopped_by_storage()
                     while_waiting()
-            except KeyboardInterrupt:  # Ctrl-C, SIGTERM, SIGHUP: each worker records its run as interrupted
-                for p in procs:
+            except (KeyboardInterrupt, StorageFault):  # Ctrl-C, SIGTERM, SIGHUP, a full disk: each worker
+                for p in procs:  # records its run as interrupted
                     p.terminate()  # SIGTERM, which a worker handles like Ctrl-C
                 for p in procs:
                     p.join(timeout=60)
                 raise
             for p in procs:
                 p.join()
+            if any(p.exitcode == STORAGE_FAULT_EXIT for p in procs):
+                raise _stopped_by_storage()
             if any(p.exitcode not in (0, None) for p in procs):
                 echo(f"warning: a worker exited with {[p.exitcode for p in procs]}; its trials are re-queued")
         if done():
@@ -205,6 +267,13 @@ def run_until_done(
         while_waiting()
         echo(f"waiting for trials held by other workers (stale after {sweep.grace} s)")
         time.sleep(poll_s)
+
+
+def _stopped_by_storage():
+    from study.storage import StorageFault
+
+    return StorageFault("a worker stopped on a full disk or a locked store (its line is above); the study is left "
+                        "to resume: run the same command again once that is fixed", locked=True)  # fmt: skip
 
 
 def record_trial(trial, result) -> float:

@@ -212,15 +212,7 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
 
 
 def _worker_main(search: Search, parent: str, worker: int, threads: int) -> None:
-    import sys
-
-    from study import signals
-
-    signals.install()
-    try:
-        work(search, parent, worker, echo=lambda s: print(s, flush=True), threads=threads)
-    except KeyboardInterrupt as e:
-        sys.exit(signals.exit_code(e))
+    driver.run_worker(lambda: work(search, parent, worker, echo=lambda s: print(s, flush=True), threads=threads))
 
 
 def trials_frame(search: Search):
@@ -253,13 +245,9 @@ def run(search: Search, workers: int = 1, echo: Callable[[str], None] = print):
         optuna.storages.fail_stale_trials(study)
         return _finished(study) >= search.trials
 
-    finished = False
-    try:
+    with driver.finishing(sweep, parent, done):
         driver.run_until_done(sweep, workers, lambda: work(search, parent, 0, echo), _worker_main, (search, parent),
                               done, echo=echo, poll_s=max(1, search.heartbeat))  # fmt: skip
-        finished = True
-    finally:
-        driver.finish(sweep, parent, finished)
     frame = trials_frame(search)
     frame = frame[~frame["duplicate"]].reset_index(drop=True)
     complete = frame[(frame["state"] == "COMPLETE") & frame["value"].map(lambda v: v is not None and math.isfinite(v))]
