@@ -187,3 +187,38 @@ def interaction_plots(data: pd.DataFrame, pairs: list[tuple[str, str]], path: Pa
         ax.legend(fontsize=8)
     fig.suptitle("interactions among runs that trained (parallel lines: no interaction)")
     return _save(fig, path)
+
+
+def long_run(history: pd.DataFrame, path: Path, window: int = 40) -> Path:
+    """The seed report's Figure 1 for each recipe: train and validation bits/dim over the epochs, one
+    panel per variant, every seed drawn (validation solid, train dashed, one colour per seed), the last
+    ``window`` epochs shaded (the window its Table 2 averages). history: one row per (run_id, epoch)
+    with variant, seed, train_bpd, val_bpd. Non-finite epochs are left out of the lines."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    variants = sorted(history["variant"].unique())
+    seeds = sorted(history["seed"].unique())
+    colors = dict(zip(seeds, sns.color_palette("deep", len(seeds)), strict=True))
+    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 4.2), squeeze=False, sharey=True)
+    values = history[["train_bpd", "val_bpd"]].replace([np.inf, -np.inf], np.nan)
+    settled = values[history["epoch"] >= 3].stack()
+    top = float(settled.quantile(0.99)) if len(settled) else 8.0
+    bottom = float(settled.min()) if len(settled) else 0.0
+    for ax, variant in zip(axes[0], variants, strict=True):
+        h = history[history["variant"] == variant]
+        last = int(h["epoch"].max()) if len(h) else 0
+        if last >= window:
+            ax.axvspan(last - window + 0.5, last + 0.5, color="0.85", alpha=0.6, lw=0,
+                       label=f"epochs {last - window + 1}-{last}")  # fmt: skip
+        for seed, r in h.groupby("seed", sort=True):
+            r = r.sort_values("epoch").replace([np.inf, -np.inf], np.nan)
+            ax.plot(r["epoch"], r["val_bpd"], color=colors[seed], lw=1.2, label=f"seed {seed} validation")
+            ax.plot(r["epoch"], r["train_bpd"], color=colors[seed], lw=1.0, ls="--", alpha=0.8,
+                    label=f"seed {seed} train")  # fmt: skip
+        ax.set_title(variant)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(bottom - 0.05, top + 0.05)
+    axes[0, 0].set_ylabel("bits/dim")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=7)
+    fig.suptitle(f"train (dashed, train mode) and validation (solid, eval mode) bits/dim; shaded: the last {window} "
+                 "epochs")  # fmt: skip
+    return _save(fig, path)

@@ -9,6 +9,7 @@ rows, no random resampling).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import figures
+from analysis import figures, longrun_section
 from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
 from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_p, md_table
@@ -68,6 +69,19 @@ class Study:
     diagnosis: tuple[pd.DataFrame | None, str]
     audits: list
     lr_trials: pd.DataFrame
+    beside: tuple = ()  # (URI, experiment) of short studies a long study's Table 2 shows beside its own
+
+    @property
+    def long(self) -> bool:
+        """Runs planned to cover the seed report's window: the long-run sections are rendered."""
+        return longrun_section.is_long(self.runs, self.window)
+
+    @functools.cached_property
+    def long_measures(self) -> longrun_section.Measures:
+        """The long-run figures the sections and the findings share, computed once."""
+        from experiments.studies import families
+
+        return longrun_section.measure(self.runs, self.history, self.window, families(self.study))
 
 
 def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] | None, run_audit: bool,
@@ -117,6 +131,8 @@ def _figures(st: Study, fig_dir: Path) -> None:
             figures.sample_panel(grids, fig_dir / "samples.png")
     if len(st.lr_trials):
         figures.lr_search(st.lr_trials, fig_dir / "lr_search.png")
+    if st.long:
+        figures.long_run(history, fig_dir / "long_run.png", st.window)
 
 
 def _interaction_pairs(fit) -> list[tuple[str, str]]:
@@ -258,6 +274,12 @@ def _variants(st: Study) -> list[str]:
                      zip(t["test_mean"], t["test_std"], t["test_ci_lo"], t["test_ci_hi"], t["test_n"], strict=True)],
         "img/s": t["images_per_s"].map(lambda v: _fmt(v, 0)),
     })  # fmt: skip
+    if st.long:
+        about = (f"Validation bits/dim (eval mode, fp32, whole validation split) averaged over each run's {span} (the "
+                 "seed report's window; its Table 2 in form follows) and the final epoch's value; test bits/dim of the "
+                 f"final model, whole test split. Each cell: {METHOD}; finished runs only.")  # fmt: skip
+        return ["## Per variant", "", about, "", _md(rows.rename(columns={
+            "within-run std of a still-falling curve": "within-run std"})), ""]  # fmt: skip
     return ["## Per variant", "",
             f"Validation bits/dim (eval mode, fp32, whole validation split) averaged over each run's {span} — the seed "
             f"report's statistic is the last 40 of 100 epochs, which these runs are too short for — and the final epoch's "
@@ -265,6 +287,19 @@ def _variants(st: Study) -> list[str]:
             "std is the spread of a curve that is still falling over so short a window, not comparable with the seed "
             "report's 0.137 over epochs 61-100.",
             "", _md(rows), ""]  # fmt: skip
+
+
+def _long_run(st: Study) -> list[str]:
+    if not st.long:
+        return []
+    first = st.runs.iloc[0]
+    caveat = (f"**Reduced scale.** {int(first.get('model.mid_channels', 0))} feature maps x "
+              f"{int(first.get('model.num_blocks', 0))} residual blocks, batch {int(first.get('train.batch_size', 0))}, "
+              f"{_images(first)}: these figures are comparable with each other and with the committed short studies "
+              "at the same size, **not with the paper's 3.49 or the seed report's 3.47 ± 0.137**, both at 64 maps x 8 "
+              "blocks on 50,000 images.")  # fmt: skip
+    return [*longrun_section.table2(st.runs, st.history, st.window, st.long_measures, st.beside, caveat),
+            *longrun_section.changes(st.runs, st.history, st.window, st.long_measures)]  # fmt: skip
 
 
 def _families(st: Study) -> list[str]:
@@ -453,6 +488,8 @@ def findings(st: Study) -> list[str]:
         from analysis.factorial import sentences
 
         lines += ["**factorial**", "", *sentences(st.factorial[1], st.factorial[0], EQUIVALENCE_MARGIN), ""]
+    if st.long:
+        lines += longrun_section.findings(st.long_measures, st.window)
     return lines + [FINDINGS_END]
 
 
@@ -462,8 +499,11 @@ def _closing(st: Study) -> list[str]:
     lines = ["## What these runs support", "", "Each sentence comes from a Holm-corrected test or from the activity "
              "diagnostics; nothing the design confounds is credited to one switch.", "", *findings(st), "",
              "## What these runs cannot say", "",
-             "- Anything about the paper's scale: the model, the data and the training here are reduced; stabilizers "
-             "that only matter late in a 100-epoch run of a 19 M-parameter model cannot show up here.",
+             ("- Anything about the paper's scale: these runs are 100 epochs long, but the model and the data are "
+              "reduced; stabilizers that only matter in a 19 M-parameter model trained on 50,000 images cannot show up "
+              "here." if st.long else
+              "- Anything about the paper's scale: the model, the data and the training here are reduced; stabilizers "
+              "that only matter late in a 100-epoch run of a 19 M-parameter model cannot show up here."),
              "- Whether 3.47 or 3.49 is reproducible: no run here is comparable with those figures.",
              (f"- Effects smaller than each comparison's *could see* column: at {st.runs['seed'].nunique()} seeds they "
               "are not detectable, and such a contrast is *inconclusive*, never *no effect*." if len(st.comparisons) else
@@ -489,6 +529,7 @@ def generate_report(
     command: str = "",
     log_to_parent: bool = True,
     lr_experiment: str | None = None,
+    beside: tuple = (),
 ) -> Path:
     """Write out/README.md and out/figures/*.png from the experiment's runs; return the README path.
     Raises analysis.collect.NoRunsError (a one-line message) when there is nothing to report."""
@@ -498,10 +539,11 @@ def generate_report(
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    st = collect_study(uri, experiment, window, data, run_audit, lr_experiment)
+    st = dataclasses.replace(collect_study(uri, experiment, window, data, run_audit, lr_experiment), beside=beside)
     fig_dir = out / "figures"
     _figures(st, fig_dir)
-    lines = [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_families(st), *_precision(st), *_factorial(st),
+    lines = [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_long_run(st), *_families(st),
+             *_precision(st), *_factorial(st),
              *_figure_sections(fig_dir), *_diagnosis_section(st), *_audit_section(st), *_lr_section(st.lr_trials),
              *_closing(st)]  # fmt: skip
     readme = out / "README.md"

@@ -336,7 +336,10 @@ def lr_search(preset, data, variant, trials, epochs, overrides, storage, workers
 @click.option("--log/--no-log", default=True, show_default=True,
               help="also log the report to the study's parent run (--no-log leaves the store untouched, "
                    "as for a committed study)")  # fmt: skip
-def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, log):
+@click.option("--beside", multiple=True, nargs=2, metavar="URI EXPERIMENT",
+              help="a short study's store and experiment whose test bits/dim a long study's Table 2 shows beside "
+                   "its own (repeatable)")  # fmt: skip
+def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, log, beside):
     """Regenerate the report (tables, figures, diagnosis, audit) from a study's MLflow runs."""
     from analysis.collect import NoRunsError, only_study
     from analysis.report import generate_report
@@ -347,9 +350,11 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
         experiment = experiment or only_study(uri)
         override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
         args = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("run_study.py") else "report"
+        for uri_b, _ in beside:
+            _check_store(uri_b, must_exist=True)
         path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
                                command=f"python run_study.py {args}", lr_experiment=lr_experiment,
-                               log_to_parent=log)  # fmt: skip
+                               log_to_parent=log, beside=tuple(beside))  # fmt: skip
     except (NoRunsError, DataError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")

@@ -42,9 +42,13 @@ def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_p
     source = args[args.index("--tracking-uri") + 1] if "--tracking-uri" in args else args[args.index("--out") + 1]
     store = Path(re.sub(r"^sqlite:///", "", source))
     assert not store.is_absolute(), "a committed report must name its store relative to the checkout"
-    shutil.copytree(ROOT / store.parent, clone / store.parent)
+    # the stores it reads: its own, and those a long study's Table 2 shows beside it (--beside URI EXPERIMENT)
+    stores = {Path(a[len("sqlite:///"):]).parent for a in args if a.startswith("sqlite:///")} | {store.parent}
+    for other in stores:
+        assert not other.is_absolute(), "a committed report must name its stores relative to the checkout"
+        shutil.copytree(ROOT / other, clone / other, dirs_exist_ok=True)
     (clone.parent / "shared").symlink_to(SHARED)  # ../shared, as beside any checkout
-    before = {p: p.stat().st_mtime_ns for p in (clone / store.parent).rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for d in stores for p in (clone / d).rglob("*") if p.is_file()}
     out = subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=clone,
                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -53,7 +57,7 @@ def test_a_committed_report_regenerates_byte_identically_elsewhere(report, tmp_p
     assert made_files == _files(report)
     _, mismatch, errors = filecmp.cmpfiles(report, made, sorted(_files(report)), shallow=False)
     assert not mismatch and not errors, f"differ from the committed report: {mismatch + errors}"
-    after = {p: p.stat().st_mtime_ns for p in (clone / store.parent).rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for d in stores for p in (clone / d).rglob("*") if p.is_file()}
     assert after == before, "regenerating the report changed the committed study's files"
 
 
