@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from experiments.presets import PRESETS
+from experiments.studies import STUDIES
 from study import signals
 from study.config import ConfigError
 
@@ -82,6 +83,17 @@ def _requested(data: str | None, overrides: tuple[str, ...], variant: str | None
     return values
 
 
+def _described(preset: str, cfg) -> str:
+    """A plain run's MLflow description (a variant's is its rationale): what it trains, in one paragraph."""
+    from study.config import flatten
+
+    stab = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in flatten(cfg).items() if k.startswith("stabilizers."))
+    m, t = cfg.model, cfg.train
+    return (f"Real NVP at preset {preset}: {m.num_scales} scales x {m.mid_channels} maps x {m.num_blocks} residual "
+            f"blocks on {cfg.data.source} data, batch {t.batch_size}, {t.epochs} epochs at learning rate {t.lr:g}, "
+            f"seed {t.seed}. Stabilizers: {stab}.")  # fmt: skip
+
+
 def _or_fail(make):
     """``make()``, with an unknown name or a bad config or data value as a one-line exit 2."""
     from study.data import DataError
@@ -113,6 +125,30 @@ def _check_storage(storage: str | None) -> None:
             _fail(str(e))
 
 
+def _invocation(command: str) -> str:
+    """This command's arguments as typed, for a report's header, whichever entry point ran it (python
+    run_study.py, the run-study console script, python -m); called from Python (CliRunner, a test), the
+    command rebuilt from the options given: never a bare command name that would write elsewhere."""
+    import shlex
+
+    argv = sys.argv[1:]
+    if argv[:1] == [command]:
+        return shlex.join(argv)
+    ctx = click.get_current_context()
+    given = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or value is None or value == param.default or value == ():
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            given.append(flag if value else param.secondary_opts[0])
+        else:
+            for v in value if param.multiple else (value,):
+                given += [flag, *(map(str, v) if isinstance(v, tuple) else (str(v),))]
+    return shlex.join([command, *given])
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list."""
     try:
@@ -130,15 +166,64 @@ def _seeds(text: str) -> tuple[int, ...]:
 PRESET = click.option("--preset", type=click.Choice(list(PRESETS)), default="demo", show_default=True)
 DATA = click.option("--data", default=None, help="patches | npz:DIR | cifar10:DIR (default: the preset's)")
 SET = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="override a config value")
-TRACKING = click.option(
-    "--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)"
-)
+TRACKING = click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", show_envvar=True,
+                        help="MLflow store (default: sqlite:///mlflow.db here)")  # fmt: skip
 DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 CHECKPOINT_DIR = click.option("--checkpoint-dir", default="checkpoints", show_default=True, type=click.Path())
-STORAGE = click.option("--storage", default=None, help="Optuna storage (default: sqlite:///optuna.db here)")
+STORAGE = click.option("--storage", default=None, envvar="OPTUNA_STORAGE", show_envvar=True,  # Optuna's own CLI's
+                       help="Optuna storage (default: sqlite:///optuna.db here)")  # fmt: skip
 WORKERS = click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
                        help="local worker processes")  # fmt: skip
 EPOCHS = click.option("--epochs", type=click.IntRange(min=1), default=None, help="epochs per run (train.epochs)")
+
+
+EXAMPLES = {  # each command's help ends with these; a test parses every one
+    "summary": (
+        "summary --preset paper",
+        "summary --preset cifar-study --data npz:../shared/data/cifar10-slices",
+    ),
+    "train": (
+        "train --preset demo --epochs 2",
+        "train --preset demo --variant no-gradclip --seed 1",
+        "train --preset demo --resume RUN_ID",
+    ),
+    "ablation": (
+        "ablation --list",
+        "ablation stabilizers --preset demo --seeds 2 --workers 2",
+        "ablation headline --preset cifar-study --data npz:../shared/data/cifar10-slices --seeds 5 --dry-run",
+    ),
+    "lr-search": (
+        "lr-search --preset demo --trials 4 --epochs 2 --workers 2",
+        "lr-search --preset demo --variant seed-report --sampler grid --range 1e-4 1e-2",
+    ),
+    "report": (
+        "report --experiment stabilizers-demo --out demo-report",
+        "report --tracking-uri sqlite:///studies/headline/mlflow.db --out /tmp/headline --no-log",
+    ),
+    "probe-init": (
+        "probe-init --seeds 2 --widths 8,16 --blocks 2 --out probe.csv --report probe-report",
+    ),
+    "evaluate": (
+        "evaluate --run RUN_ID --split test",
+        "evaluate --run RUN_ID --split val --mode train",
+    ),
+    "ui": (
+        "ui",
+        "ui --tracking-uri sqlite:///studies/headline/mlflow.db --port 5001",
+    ),
+    "sample": (
+        "sample --run RUN_ID --temperature 0.7 -n 36",
+    ),
+    "bench": (
+        "bench --preset cifar-study --device cpu --batch 64",
+        "bench --preset paper --batch 16 --steps 6 --matrix",
+    ),
+}
+
+
+def _examples(command: str) -> str:
+    """A command's help epilog: its usage examples, one per line (\b keeps click from rewrapping them)."""
+    return "\b\nExamples:\n" + "\n".join(f"  python run_study.py {c}" for c in EXAMPLES[command])
 
 
 def _grace(what: str):
@@ -169,7 +254,7 @@ def cli():
     warnings.formatwarning = _one_line_warning
 
 
-@cli.command()
+@cli.command(epilog=_examples("summary"))
 @PRESET
 @DATA
 @SET
@@ -184,7 +269,7 @@ def summary(preset, data, overrides):
         _fail(str(e))
 
 
-@cli.command()
+@cli.command(epilog=_examples("train"))
 @PRESET
 @DATA
 @click.option("--seed", type=int, default=None, help="the run's seed (train.seed)")
@@ -210,7 +295,7 @@ def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, devic
 
     spec = RunSpec(cfg=cfg, preset=preset, variant=variant or "default", experiment=experiment,
                    tracking_uri=tracking_uri, device=device, checkpoint_root=Path(checkpoint_dir), fresh=fresh,
-                   echo=click.echo, description=find_variant(variant).rationale if variant else "",
+                   echo=click.echo, description=find_variant(variant).rationale if variant else _described(preset, cfg),
                    source="run_study.py train",
                    requested=_or_fail(lambda: _requested(data, extra, variant)) if resume_run_id else {})  # fmt: skip
     try:
@@ -221,8 +306,8 @@ def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, devic
         _interrupted(e, "run the same command again (or --resume RUN_ID) to continue")
 
 
-@cli.command()
-@click.argument("study_name", required=False)
+@cli.command(epilog=_examples("ablation"))
+@click.argument("study_name", required=False, metavar="STUDY", type=click.Choice(list(STUDIES)))
 @click.option("--list", "list_", is_flag=True, help="list the studies and exit")
 @click.option("--dry-run", is_flag=True, help="print the plan (families, variants x seeds) and touch nothing")
 @PRESET
@@ -242,7 +327,7 @@ def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, devic
 def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, overrides, workers, storage, experiment,
              tracking_uri, device, checkpoint_dir, grace):  # fmt: skip
     """Run an ablation study: every (variant, seed) cell, resumable, over workers (Optuna + MLflow)."""
-    from experiments.studies import STUDIES, STUDY_DESCRIPTIONS
+    from experiments.studies import STUDY_DESCRIPTIONS
 
     if list_ or not study_name:
         for name, variants in STUDIES.items():
@@ -259,11 +344,11 @@ def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, over
                             grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
     except ConfigError as e:
         _fail(str(e))
+    _check_storage(storage)  # before the plan is printed: a bad store is the one line the user sees
+    _check_store(tracking_uri)
     click.echo(ab.describe(plan))
     if dry_run:
         return
-    _check_storage(storage)
-    _check_store(tracking_uri)
     try:
         ab.run(plan, workers=workers, echo=click.echo)
     except ConfigError as e:
@@ -272,7 +357,7 @@ def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, over
         _interrupted(e, "run the same command again to continue where it stopped")
 
 
-@cli.command("lr-search")
+@cli.command("lr-search", epilog=_examples("lr-search"))
 @PRESET
 @DATA
 @click.option("--variant", default=None, help="an ablation variant whose switches the search uses (default: preset)")
@@ -324,7 +409,7 @@ def lr_search(preset, data, variant, trials, epochs, overrides, storage, workers
                    f"{len(frame)} trials, {pruned} pruned); use it with --set train.lr={best['lr']:.4g}")  # fmt: skip
 
 
-@cli.command()
+@cli.command(epilog=_examples("report"))
 @click.option("--experiment", default=None, help="the study's MLflow experiment (default: the store's only study)")
 @TRACKING
 @click.option("--out", default="report", show_default=True, type=click.Path(), help="folder for README.md and figures/")
@@ -349,7 +434,7 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
     try:
         experiment = experiment or only_study(uri)
         override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
-        args = " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("run_study.py") else "report"
+        args = _invocation("report")
         for uri_b, _ in beside:
             _check_store(uri_b, must_exist=True)
         path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
@@ -360,7 +445,7 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
     click.echo(f"wrote {path}")
 
 
-@cli.command("probe-init")
+@cli.command("probe-init", epilog=_examples("probe-init"))
 @DATA
 @click.option("--out", default="studies/init-probe/probe.csv", show_default=True, type=click.Path(dir_okay=False),
               help="CSV the probe appends to (an interrupted probe continues)")  # fmt: skip
@@ -390,12 +475,14 @@ def probe_init(data, out, report_dir, seeds, widths, blocks, report_only):
         run_probe(cfg, images, Path(out), cells(sizes[0], sizes[1], seeds=_seeds(seeds)), echo=click.echo)
     if not Path(out).exists():
         _fail(f"{out} does not exist: run `run_study.py probe-init` without --report-only first")
-    args = " ".join(a for a in sys.argv[1:] if a != "--report-only")
+    import shlex
+
+    args = shlex.join(a for a in shlex.split(_invocation("probe-init")) if a != "--report-only")
     path = write_report(Path(out), Path(report_dir), f"python run_study.py {args} --report-only".replace("  ", " "))
     click.echo(f"wrote {path}")
 
 
-@cli.command()
+@cli.command(epilog=_examples("evaluate"))
 @click.option("--run", "run_id", required=True, help="MLflow run id whose last checkpoint to evaluate")
 @click.option("--data", default=None, help="patches | npz:DIR | cifar10:DIR (default: the run's own data)")
 @click.option("--split", type=click.Choice(["val", "test", "train"]), default="test", show_default=True)
@@ -422,7 +509,7 @@ def evaluate(run_id, data, split, mode, bn_recalibrate, batch, log, tracking_uri
                f"bits/dim (standard error over {r.n} images)" + (f"; logged as {r.metric}" if log else ""))
 
 
-@cli.command()
+@cli.command(epilog=_examples("ui"))
 @TRACKING
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 def ui(tracking_uri, port):
@@ -438,7 +525,7 @@ def ui(tracking_uri, port):
         sys.exit(signals.exit_code(e))
 
 
-@cli.command()
+@cli.command(epilog=_examples("sample"))
 @click.option("--run", "run_id", required=True, help="MLflow run id whose checkpoint to sample from")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("-n", "--num", type=click.IntRange(min=1), default=64, show_default=True, help="number of samples")
@@ -462,7 +549,7 @@ def _bench_sizes() -> list[str]:
     return list(model_sizes())
 
 
-@cli.command()
+@cli.command(epilog=_examples("bench"))
 @click.option("--preset", type=click.Choice(_bench_sizes()), default="demo", show_default=True,
               help="the model size to time: a preset's, or bench's extra 'small'")  # fmt: skip
 @DEVICE

@@ -92,6 +92,17 @@ def test_demo_study_runs_every_cell_once_under_one_parent(store, tmp_path):
         assert r.data.tags["study"] == "stabilizers"
     assert {r["variant"] for r in rows} == set(ONLY) and all(r["done"] == 2 for r in rows)
     assert any(line.startswith("cells done 6, running 0, left 0") for line in lines)
+    # the parent shows the study at a glance: a description and summary metrics the UI charts
+    parent = parents[0].data
+    assert parent.tags["mlflow.note.content"].startswith("Study stabilizers at preset demo: which of")
+    assert parent.metrics["cells_done"] == 6 and parent.metrics["cells_planned"] == 6
+    means = {}
+    for v in ONLY:
+        tests = [r.data.metrics["test_bpd"] for r in children if r.data.tags["variant"] == v]
+        means[v] = round(sum(tests) / len(tests), 4)
+        assert parent.metrics[f"test_bpd/{ab.metric_key(v)}"] == pytest.approx(means[v], abs=1e-12)
+    assert parent.metrics["test_bpd/best"] == pytest.approx(min(means.values()), abs=1e-12)
+    assert ab.metric_key("exp+softplus") == "exp_softplus"
     study = optuna.load_study(study_name=plan.optuna_name, storage=plan.storage)
     assert all(state == "COMPLETE" for state in ab.cell_states(study).values())
     # running it again trains nothing
@@ -262,7 +273,7 @@ def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for args, message in [
         (["ablation", "stabilizers", "--only", "no-such"], "--only 'no-such'"),
-        (["ablation", "nope", "--dry-run"], "unknown study 'nope'"),
+        (["ablation", "nope", "--dry-run"], "'nope' is not one of 'stabilizers'"),
         (["ablation", "stabilizers", "--seeds", "1,x"], "give a count (3) or a comma-separated list"),
         (["ablation", "stabilizers", "--seeds", "0"], "give at least one seed"),
         (["ablation", "stabilizers", "--seeds", "1,1"], "--seeds has duplicates"),

@@ -2,6 +2,9 @@
 accounting audit on a tiny model, and the report end to end."""
 
 import math
+import shlex
+import shutil
+import sys
 
 import mlflow
 import numpy as np
@@ -235,3 +238,19 @@ def test_histogram_baseline_known_values():
     constant = np.zeros((10, 1, 4, 4), dtype=np.uint8)
     # add-one smoothing: p(0) = (160 + 1) / (160 + 256)
     assert math.isclose(histogram_bpd(constant, constant), -math.log2(161 / 416))
+
+
+def test_a_reports_header_names_the_exact_command_whichever_entry_point_ran_it(store, tmp_path, monkeypatch):
+    """Re-running the header's command must write the same report to the same place: through the
+    run-study console script (argv[0] is not run_study.py) and from Python (CliRunner) alike."""
+    _fabricate(store)
+    out = tmp_path / "my report"
+    args = ["report", "--experiment", "fab", "--tracking-uri", store, "--out", str(out), "--no-audit", "--no-log"]
+    expected = f"`python run_study.py {shlex.join(args)}`"
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/run-study", *args])  # the console script
+    assert CliRunner().invoke(run_study.cli, args).exit_code == 0
+    assert expected in (out / "README.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["pytest"])  # from Python: rebuilt from the options given
+    shutil.rmtree(out)
+    assert CliRunner().invoke(run_study.cli, args).exit_code == 0
+    assert expected in (out / "README.md").read_text()

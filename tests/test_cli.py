@@ -59,3 +59,38 @@ def test_console_script():
     assert script.exists() or shutil.which("run-study"), "pip install . should provide the run-study command"
     assert subprocess.run([str(script) if script.exists() else "run-study", "--help"], capture_output=True,
                           text=True).returncode == 0  # fmt: skip
+
+
+def test_every_help_example_parses_and_names_what_exists():
+    """The examples each command's --help ends with are real: their options parse (types, choices) and
+    the variants and studies they name exist."""
+    import shlex
+
+    from experiments.studies import STUDIES, find_variant
+    from study.cli import EXAMPLES
+
+    assert set(EXAMPLES) == set(run_study.cli.commands), "every command shows examples, and only commands"
+    for name, examples in EXAMPLES.items():
+        command = run_study.cli.commands[name]
+        assert "Examples:" in command.epilog
+        for example in examples:
+            args = shlex.split(example)
+            assert args[0] == name, example
+            ctx = command.make_context(name, args[1:])  # raises click.UsageError on a bad option or value
+            if ctx.params.get("variant"):
+                find_variant(ctx.params["variant"])
+            if ctx.params.get("study_name"):
+                assert ctx.params["study_name"] in STUDIES
+
+
+def test_stores_come_from_the_environment_as_click_shows(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent-folder/mlflow.db")
+    result = CliRunner().invoke(run_study.cli, ["ablation", "stabilizers", "--dry-run"])
+    assert result.exit_code == 2 and "nonexistent-folder" in result.stderr, result.output
+    assert result.stdout == "", "the store is checked before the plan is printed"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("OPTUNA_STORAGE", "foo://bar")
+    result = CliRunner().invoke(run_study.cli, ["lr-search", "--trials", "1"])
+    assert result.exit_code == 2 and "--storage 'foo://bar'" in result.stderr, result.output
+    help_text = CliRunner().invoke(run_study.cli, ["ablation", "--help"]).stdout
+    assert "env var: MLFLOW_TRACKING_URI" in help_text and "env var: OPTUNA_STORAGE" in help_text

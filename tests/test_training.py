@@ -446,6 +446,15 @@ def test_run_records_its_description_source_and_variant_config(store, tmp_path):
     assert tags["mlflow.note.content"].startswith("no L2") and tags["mlflow.source.name"] == "run_study.py train"
     assert len(tags["mlflow.source.git.commit"]) == 40 or tags["git_commit"] == "unknown"
     assert "epoch" not in run.data.metrics  # the step is the epoch
+    # a plain run (no variant) is described by what it trains
+    plain = CliRunner().invoke(run_study.cli, ["train", "--tracking-uri", store, "--device", "cpu", "--experiment",
+                                               "plain", "--checkpoint-dir", str(tmp_path / "p"),
+                                               *tiny_overrides(**{"train.epochs": 1})])  # fmt: skip
+    assert plain.exit_code == 0, plain.output
+    (run,) = client.search_runs([client.get_experiment_by_name("plain").experiment_id])
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("Real NVP at preset demo: 2 scales x ") and "epochs at learning rate 0.001" in note, note
+    assert f"scale_fn={run.data.params['stabilizers.scale_fn']}" in note
 
 
 def test_evaluate_reproduces_the_logged_test_bpd_and_logs_what_it_measured(store, tmp_path):

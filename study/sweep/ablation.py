@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,14 +358,20 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
 
     parent = driver.prepare(plan.sweep)
     planned = (len(plan.variants) + len(plan.skipped)) * len(plan.seeds)
-    PatientClient().set_tag(parent, schema.CELLS_PLANNED, planned)  # a report on an unfinished study says so
+    # a report on an unfinished study says so; the UI shows what the study asks on its parent's page
+    client = PatientClient()
+    for key, value in {schema.CELLS_PLANNED: planned, schema.NOTE: _parent_note(plan, planned)}.items():
+        client.set_tag(parent, key, value)
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
     if record_skipped(plan, parent):
         echo(f"recorded {len(plan.skipped) * len(plan.seeds)} cell(s) this device cannot run as skipped")
     last = [None]
 
     def progress() -> None:
-        last[0] = _print_progress(plan, echo, last[0])
+        line = _print_progress(plan, echo, last[0])
+        if line != last[0]:
+            log_summary(plan, parent, summary_rows(plan), planned)
+        last[0] = line
 
     def done() -> bool:
         states = cell_states(_load_study(plan))
@@ -374,8 +382,49 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
                               (plan, parent), done, lambda: requeue(plan, _load_study(plan)), progress, echo,
                               poll_s)  # fmt: skip
     rows = summary_rows(plan)
+    log_summary(plan, parent, rows, planned)
     echo(pd.DataFrame(rows).to_string(index=False))
     return rows
+
+
+def _parent_note(plan: Plan, planned: int) -> str:
+    from experiments.studies import STUDY_DESCRIPTIONS
+
+    return (f"Study {plan.study} at preset {plan.preset}: {STUDY_DESCRIPTIONS.get(plan.study, '')}. "
+            f"{len(plan.variants) + len(plan.skipped)} variants x {len(plan.seeds)} seeds = {planned} cells of "
+            f"{plan.base.train.epochs} epochs; each cell is a child run. Summary metrics here: cells_done, and "
+            "val_bpd / test_bpd per variant (mean over its seeds) and best over the study; "
+            "`run_study.py report` writes the tables and figures.")  # fmt: skip
+
+
+def metric_key(name: str) -> str:
+    """A variant's name as MLflow accepts it in a metric key (letters, digits, _ - . / space and :)."""
+    return re.sub(r"[^\w\-. /:]", "_", name)
+
+
+def log_summary(plan: Plan, parent: str, rows: list[dict], planned: int) -> None:
+    """The study at a glance on its parent run (the UI's charts): cells done of planned, each variant's
+    mean latest validation and final test bits/dim over its seeds, and the best of each; step = cells
+    done, so each chart is the study's history."""
+    done = sum(r["done"] for r in rows)
+    metrics = {"cells_done": done, "cells_planned": planned}
+    for r in rows:
+        for key, column in (("val_bpd", "val bpd (latest, mean)"), ("test_bpd", "test bpd (mean)")):
+            if r[column] is not None and math.isfinite(r[column]):
+                metrics[f"{key}/{metric_key(r['variant'])}"] = r[column]
+    for key in ("val_bpd", "test_bpd"):
+        values = [v for k, v in metrics.items() if k.startswith(key + "/")]
+        if values:
+            metrics[f"{key}/best"] = min(values)
+    PatientClient().log_batch(parent, metrics=[_metric(k, v, done) for k, v in metrics.items()])
+
+
+def _metric(key: str, value: float, step: int):
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
 
 
 def _print_progress(plan: Plan, echo, last):
