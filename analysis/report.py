@@ -85,11 +85,14 @@ class Study:
 
 
 def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] | None, run_audit: bool,
-                  lr_experiment: str | None) -> Study:  # fmt: skip
+                  lr_experiment: str | None, say=lambda line: None) -> Study:  # fmt: skip
+    """The study's runs and every figure the report prints, computed once; ``say`` hears each stage."""
     from analysis import diagnosis
     from experiments.studies import FACTORIAL_STUDIES, families
 
-    all_runs, all_history, parents = collect_runs(uri, experiment)
+    all_runs, all_history, parents = collect_runs(uri, experiment)  # nothing said before: bad input is one line
+    epochs = int(all_history["epoch"].max()) if len(all_history) else 0
+    say(f"read {len(all_runs)} runs of {experiment} (up to {epochs} epochs); comparing")
     name = parents["study"].dropna().iloc[0] if parents["study"].notna().any() else "stabilizers"
     runs = all_runs[all_runs["excluded"] == ""].reset_index(drop=True)
     history = all_history[all_history["run_id"].isin(set(runs["run_id"]))].reset_index(drop=True)
@@ -102,6 +105,8 @@ def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] |
         comparisons = pd.DataFrame()
     else:
         comparisons = family_comparisons(runs, history, families(name))
+    if run_audit:
+        say("diagnosis and accounting audit: re-evaluating checkpoints on the data")
     diag = diagnosis.diagnose(runs, history, uri, data) if run_audit else (None, "not run (--no-audit)")
     audits = diagnosis.audits(runs, uri, data) if run_audit else []
     lr_trials = collect_lr_search(uri, lr_experiment or f"lr-search-{runs.iloc[0].get('preset')}")
@@ -530,8 +535,10 @@ def generate_report(
     log_to_parent: bool = True,
     lr_experiment: str | None = None,
     beside: tuple = (),
+    say=lambda line: None,
 ) -> Path:
     """Write out/README.md and out/figures/*.png from the experiment's runs; return the README path.
+    ``say`` hears each stage as it starts (the command line prints them: a report takes a minute).
     Raises analysis.collect.NoRunsError (a one-line message) when there is nothing to report."""
     import mlflow
 
@@ -539,9 +546,12 @@ def generate_report(
 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
-    st = dataclasses.replace(collect_study(uri, experiment, window, data, run_audit, lr_experiment), beside=beside)
+    st = collect_study(uri, experiment, window, data, run_audit, lr_experiment, say)
+    st = dataclasses.replace(st, beside=beside)
+    say("figures")
     fig_dir = out / "figures"
     _figures(st, fig_dir)
+    say("tables and text")
     lines = [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_long_run(st), *_families(st),
              *_precision(st), *_factorial(st),
              *_figure_sections(fig_dir), *_diagnosis_section(st), *_audit_section(st), *_lr_section(st.lr_trials),

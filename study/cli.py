@@ -149,6 +149,14 @@ def _invocation(command: str) -> str:
     return shlex.join([command, *given])
 
 
+def _stage(command: str):
+    """Stage lines on stderr for a long command that has no bar: 'report: figures (12 s)'."""
+    import time
+
+    start = time.perf_counter()
+    return lambda line: click.echo(f"{command}: {line} ({time.perf_counter() - start:.0f} s)", err=True)
+
+
 def _seeds(text: str) -> tuple[int, ...]:
     """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list."""
     try:
@@ -439,7 +447,7 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
             _check_store(uri_b, must_exist=True)
         path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
                                command=f"python run_study.py {args}", lr_experiment=lr_experiment,
-                               log_to_parent=log, beside=tuple(beside))  # fmt: skip
+                               log_to_parent=log, beside=tuple(beside), say=_stage("report"))  # fmt: skip
     except (NoRunsError, DataError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")

@@ -103,6 +103,11 @@ def test_demo_study_runs_every_cell_once_under_one_parent(store, tmp_path):
         assert parent.metrics[f"test_bpd/{ab.metric_key(v)}"] == pytest.approx(means[v], abs=1e-12)
     assert parent.metrics["test_bpd/best"] == pytest.approx(min(means.values()), abs=1e-12)
     assert ab.metric_key("exp+softplus") == "exp_softplus"
+    # the progress lines show finished figures only, each variant's once per change
+    text = "\n".join(lines)
+    for v in ONLY:
+        assert text.count(f"{v} {means[v]:.4f} (2/2)") == 1, text
+    assert not any("val bpd" in line for line in lines if line.startswith("cells done"))  # no epoch in progress
     study = optuna.load_study(study_name=plan.optuna_name, storage=plan.storage)
     assert all(state == "COMPLETE" for state in ab.cell_states(study).values())
     # running it again trains nothing

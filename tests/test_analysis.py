@@ -248,8 +248,13 @@ def test_a_reports_header_names_the_exact_command_whichever_entry_point_ran_it(s
     args = ["report", "--experiment", "fab", "--tracking-uri", store, "--out", str(out), "--no-audit", "--no-log"]
     expected = f"`python run_study.py {shlex.join(args)}`"
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/run-study", *args])  # the console script
-    assert CliRunner().invoke(run_study.cli, args).exit_code == 0
+    result = CliRunner().invoke(run_study.cli, args)
+    assert result.exit_code == 0
     assert expected in (out / "README.md").read_text()
+    # a report takes a minute: each stage is announced on stderr, in order, with the time so far
+    stages = [line.split(" (")[0] for line in result.stderr.splitlines() if line.startswith("report: ")]
+    assert stages[0].startswith("report: read 4 runs of fab") and stages[-2:] == ["report: figures",
+                                                                                  "report: tables and text"]
     monkeypatch.setattr(sys, "argv", ["pytest"])  # from Python: rebuilt from the options given
     shutil.rmtree(out)
     assert CliRunner().invoke(run_study.cli, args).exit_code == 0

@@ -234,9 +234,11 @@ def work(
     worker: int = 0,
     echo: Callable[[str], None] = print,
     threads: int = 0,
-    progress: bool = False,
+    progress: Callable[[], None] | None = None,
 ) -> int:
-    """Take cells from the Optuna study until none is left for this worker. Returns cells trained."""
+    """Take cells from the Optuna study until none is left for this worker, calling ``progress`` after
+    each (the coordinator's own worker: its progress line and the parent's summary). Returns cells
+    trained."""
     import optuna
     import torch
 
@@ -279,8 +281,8 @@ def work(
     def stop_when_grid_is_taken(study, trial) -> None:
         nonlocal done
         done += 1
-        if progress:
-            _print_progress(plan, echo, None)
+        if progress is not None:
+            progress()
         if _grid_taken(plan, study):
             study.stop()
 
@@ -378,7 +380,7 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
         return all(states.get(c) == "COMPLETE" for c in plan.cells)
 
     with driver.finishing(plan.sweep, parent, done):
-        driver.run_until_done(plan.sweep, workers, lambda: work(plan, parent, 0, echo, progress=True), _worker_main,
+        driver.run_until_done(plan.sweep, workers, lambda: work(plan, parent, 0, echo, progress=progress), _worker_main,
                               (plan, parent), done, lambda: requeue(plan, _load_study(plan)), progress, echo,
                               poll_s)  # fmt: skip
     rows = summary_rows(plan)
@@ -428,6 +430,10 @@ def _metric(key: str, value: float, step: int):
 
 
 def _print_progress(plan: Plan, echo, last):
+    """Print the study's progress when it changed: cells done, running and left with an ETA, then only
+    the variants whose finished figures changed since the last line (mean test bits/dim over their
+    finished seeds, with how many): never an epoch in progress, never the same variant twice unchanged.
+    ``last`` is what the previous call returned; returns (the line's head, the finished figures)."""
     from optuna.trial import TrialState
 
     from study.run.progress import clock, remaining
@@ -440,11 +446,14 @@ def _print_progress(plan: Plan, echo, last):
             for t in _load_study(plan).get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.datetime_start and t.datetime_complete]  # fmt: skip
     eta = remaining(took, left + running / 2, max(running, 1))
-    latest = ", ".join(f"{r['variant']} {r['val bpd (latest, mean)']}" for r in rows if r["val bpd (latest, mean)"])
-    line = f"cells done {done}, running {running}, left {left}"
+    head = f"cells done {done}, running {running}, left {left}"
     if took and (left or running):
-        line += f", ETA {clock(eta)}"
-    line += f" | val bpd: {latest}" if latest else ""
-    if line != last:
-        echo(line)
-    return line
+        head += f", ETA {clock(eta)}"
+    finished = {r["variant"]: (r["done"], r["test bpd (mean)"]) for r in rows if r["done"]}
+    before = last[1] if last else {}
+    changed = [f"{v} {t:.4f} ({n}/{len(plan.seeds)})" for v, (n, t) in finished.items()
+               if before.get(v) != (n, t) and t is not None]  # fmt: skip
+    state = (head, finished)
+    if state != last:
+        echo(head + (f" | test bpd, finished seeds: {', '.join(changed)}" if changed else ""))
+    return state
