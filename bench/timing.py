@@ -7,6 +7,7 @@ the forward), and peak memory. Compare configurations within one run of the same
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import statistics
@@ -45,6 +46,7 @@ class BenchResult:
     train_gflops: float  # achieved GFLOP/s in the training step
     peak_memory_mb: float
     params_m: float
+    peak_gflops: float = math.nan  # this machine's matmul peak in the step's precision (matmul_peak)
 
     def row(self) -> dict:
         return {
@@ -60,6 +62,7 @@ class BenchResult:
             "train IQR": f"{self.train_ips_lo:.1f}-{self.train_ips_hi:.1f}",
             "eval img/s": round(self.eval_ips, 1),
             "train GFLOP/s": round(self.train_gflops, 1),
+            "of matmul peak": f"{self.train_gflops / self.peak_gflops:.0%}" if self.peak_gflops > 0 else "?",
             "peak MB": round(self.peak_memory_mb),
         }
 
@@ -147,6 +150,28 @@ def prepare(
     return Prepared(model, step, evaluate, dev, flops, params_m)
 
 
+@functools.cache
+def matmul_peak(device: str, amp: str = "off", threads: int | None = None) -> float:
+    """GFLOP/s of the best of 10 square matrix products in the step's precision (fp32; bf16 or fp16
+    under autocast) with this process's threads: what the machine's BLAS reaches on the most regular
+    work there is, the ceiling a training step's GFLOP/s is read against. 1024 x 1024 on a CPU (a few
+    ms a product at one thread), 8192 on a GPU."""
+    dev = resolve_device(device)
+    dtype = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    n = 8192 if dev.type == "cuda" else 1024
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen, device=dev).to(dtype) for _ in range(2))
+    best = math.inf
+    for i in range(13):
+        _sync(dev)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(dev)
+        if i >= 3:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
 def time_calls(fn: Callable[[], object], device: torch.device, steps: int, warmup: int = 2) -> list[float]:
     """Seconds per call of ``fn`` for ``steps`` calls after ``warmup`` untimed ones."""
     if steps < 1 or warmup < 0:
@@ -183,6 +208,7 @@ def bench(
     return BenchResult(
         arch, size, str(dev), amp, channels_last, compile, batch, mid_ips, lo, hi, eval_ips,
         3 * p.flops * mid_ips / 1e9, peak_memory_mb(dev), p.params_m,
+        matmul_peak(str(dev), amp, torch.get_num_threads()),
     )  # fmt: skip
 
 
@@ -260,7 +286,8 @@ def log_results(results: list[BenchResult], tracking_uri: str | None, experiment
     metrics = []
     for r in results:
         name = f"{r.arch}.{r.amp}{'_cl' if r.channels_last else ''}{'' if r.compiled == 'off' else '_' + r.compiled}"
-        for key in ("train_ips", "train_ips_lo", "train_ips_hi", "eval_ips", "train_gflops", "peak_memory_mb"):
+        for key in ("train_ips", "train_ips_lo", "train_ips_hi", "eval_ips", "train_gflops", "peak_gflops",
+                    "peak_memory_mb"):  # fmt: skip
             metrics.append(Metric(f"{name}.{key}", float(getattr(r, key)), 0, 0))
     client.log_batch(run_id, metrics=metrics)
     client.set_terminated(run_id, "FINISHED")

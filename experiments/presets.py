@@ -70,9 +70,11 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-# sizes bench times besides the presets' own: "small" sits between cifar-cpu and paper
+# sizes bench times besides the presets' own: "small" sits between cifar-cpu and paper; "rung-32x4"
+# is the largest rung the scale ladder (issue 28) plans on a CPU, where cell throughput is measured
 BENCH_SIZES: dict[str, dict[str, int]] = {
     "small": {"model.num_scales": 2, "model.mid_channels": 32, "model.num_blocks": 2},
+    "rung-32x4": {"model.num_scales": 2, "model.mid_channels": 32, "model.num_blocks": 4},
 }
 
 

@@ -224,6 +224,7 @@ EXAMPLES = {  # each command's help ends with these; a test parses every one
     ),
     "bench": (
         "bench --preset cifar-study --device cpu --batch 64",
+        "bench --preset rung-32x4 --cell 1 --data npz:../shared/data/cifar10-slices",
         "bench --preset paper --batch 16 --steps 6 --matrix",
     ),
 }
@@ -559,7 +560,7 @@ def _bench_sizes() -> list[str]:
 
 @cli.command(epilog=_examples("bench"))
 @click.option("--preset", type=click.Choice(_bench_sizes()), default="demo", show_default=True,
-              help="the model size to time: a preset's, or bench's extra 'small'")  # fmt: skip
+              help="the model size to time: a preset's, or bench's extra 'small' and 'rung-32x4'")  # fmt: skip
 @DEVICE
 @click.option("--amp", type=click.Choice(["off", "fp16", "bf16"]), default="off", show_default=True)
 @click.option("--channels-last", is_flag=True)
@@ -574,10 +575,26 @@ def _bench_sizes() -> list[str]:
 @click.option("--matrix", is_flag=True, help="usual-repro fp32, then ours in each amp x channels_last, in one table")
 @click.option("--log", "log_", is_flag=True, help="record the table as an MLflow run (experiment 'bench')")
 @TRACKING
-def bench(preset, device, amp, channels_last, compile_, compile_mode, arch, batch, steps, matrix, log_, tracking_uri):
-    """Time the training step and the evaluation pass; print images/s, GFLOP/s and peak memory."""
+@click.option("--cell", "cell_epochs", type=click.IntRange(min=1), default=None, metavar="EPOCHS",
+              help="instead, time one whole cell of the cifar-study preset at this size for EPOCHS epochs in a "
+                   "fresh process, split into start-up, step parts, data, validation, test, checkpoints, logging")
+@click.option("--data", default=None, help="with --cell: the cell's data (default: the preset's)")
+def bench(preset, device, amp, channels_last, compile_, compile_mode, arch, batch, steps, matrix, log_, tracking_uri,
+          cell_epochs, data):  # fmt: skip
+    """Time the training step and the evaluation pass; print images/s, GFLOP/s, the fraction of the
+    machine's matmul peak and peak memory (or, with --cell, where one whole cell's time goes)."""
     from bench import timing as b
 
+    if cell_epochs is not None:
+        from bench.cell import main as cell
+
+        cell_preset = preset if preset in PRESETS else "cifar-study"  # a bench-only size: cifar-study's data
+        try:
+            cell(["--preset", cell_preset, "--size", preset, "--epochs", str(cell_epochs),
+                  *(["--data", data] if data else [])])  # fmt: skip
+        except RuntimeError as e:
+            _fail(str(e))
+        return
     if log_:
         _check_store(tracking_uri)
     mode = compile_mode if compile_ else "off"

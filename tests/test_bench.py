@@ -10,8 +10,10 @@ from bench.timing import bench, machine
 
 def test_bench_demo_reports_finite_numbers():
     r = bench("demo", "cpu", "off", False, batch=4, steps=2, warmup=1)
-    for value in (r.train_ips, r.train_ips_lo, r.train_ips_hi, r.eval_ips, r.train_gflops, r.peak_memory_mb):
+    for value in (r.train_ips, r.train_ips_lo, r.train_ips_hi, r.eval_ips, r.train_gflops, r.peak_memory_mb,
+                  r.peak_gflops):  # fmt: skip
         assert math.isfinite(value) and value > 0
+    assert r.row()["of matmul peak"] == f"{r.train_gflops / r.peak_gflops:.0%}"
     assert r.train_ips_lo <= r.train_ips <= r.train_ips_hi
     assert 0.05 < r.params_m < 0.07
 
@@ -35,7 +37,7 @@ def test_bench_cli_prints_a_table_and_rejects_fp16_on_cpu():
         ],
     )
     assert out.exit_code == 0, out.output
-    assert "train img/s" in out.stdout and "bf16" in out.stdout
+    assert "train img/s" in out.stdout and "bf16" in out.stdout and "of matmul peak" in out.stdout
     bad = CliRunner().invoke(run_study.cli, ["bench", "--device", "cpu", "--batch", "1"])
     assert bad.exit_code == 2 and "Invalid value for '--batch'" in bad.stderr
 
@@ -122,3 +124,60 @@ def test_machine_names_the_cpu_model_and_its_bf16_instructions(monkeypatch, tmp_
     assert machine("cpu") == f"Test CPU 9000 (amx_bf16, avx512_bf16), {threads} threads, torch {torch.__version__}"
     cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
     assert machine("cpu").startswith("Old CPU (no bf16 instructions), ")
+
+
+def test_cell_split_accounts_for_the_wall_time_exactly():
+    """bench.cell.split on clocks whose answer is known: start-up includes the interpreter's own start
+    (the wall time outside the child's clock), forward is the step less its other parts, and other is
+    whatever no clock saw, so the parts add up to the wall time."""
+    from bench.cell import PARTS, split
+
+    spent = {"step": 30.0, "backward": 14.0, "clip": 1.0, "optimizer": 2.0, "data": 0.5, "validation": 4.0,
+             "test": 1.0, "checkpoints": 0.25, "logging": 0.75, "samples": 0.5}  # fmt: skip
+    child = {"t0": 100.0, "first_step": 103.0, "t1": 150.0, "spent": spent}
+    parts = split(child, wall=52.0)
+    assert list(parts) == list(PARTS)
+    assert parts["start-up"] == pytest.approx(2.0 + 3.0)  # 52 - 50 before the child's first line, + 3
+    assert parts["forward"] == pytest.approx(13.0) and parts["backward"] == 14.0
+    assert parts["other"] == pytest.approx(52.0 - 5.0 - 30.0 - 7.0)
+    assert sum(parts.values()) == pytest.approx(52.0)
+
+
+@pytest.mark.slow(15)
+def test_a_cell_is_timed_end_to_end_in_its_own_process():
+    """A real (tiny) cell: every part that runs is seen by its clock, none is negative, they add up to
+    the wall time, and a failing cell is an error naming its cause, not a table of zeros."""
+    from bench.cell import STEP_PARTS, run_cell
+    from tests.conftest import tiny_overrides
+
+    parts, wall = run_cell(["--preset", "demo", "--device", "cpu", *tiny_overrides(**{"train.epochs": 2})])
+    for p in (*STEP_PARTS, "start-up", "data", "validation", "test", "checkpoints", "logging"):
+        assert parts[p] > 0, (p, parts)
+    assert min(parts.values()) >= -0.05 * wall  # "other" is a difference of clocks
+    assert sum(parts.values()) == pytest.approx(wall)
+    assert parts["start-up"] > parts["checkpoints"]  # imports alone take seconds
+    with pytest.raises(RuntimeError, match="model.width"):
+        run_cell(["--preset", "demo", "--set", "model.width=3"])
+
+
+def test_matmul_peak_is_the_rate_of_a_timed_product():
+    """The peak a step is read against: 2 n^3 FLOPs over the best time, so a slower product (patched
+    to sleep) gives a proportionally lower peak; cached per (device, precision, threads)."""
+    import time
+
+    from bench import timing
+
+    fast = timing.matmul_peak.__wrapped__("cpu", "off", 1)
+    slow_mm = torch.mm
+
+    def slow(a, b):
+        time.sleep(0.05)
+        return slow_mm(a, b)
+
+    original = timing.torch.mm
+    timing.torch.mm = slow
+    try:
+        slowed = timing.matmul_peak.__wrapped__("cpu", "off", 1)
+    finally:
+        timing.torch.mm = original
+    assert 0 < slowed < fast and slowed <= 2 * 1024**3 / 0.05 / 1e9
