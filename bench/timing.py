@@ -151,7 +151,7 @@ def prepare(
 
 
 @functools.cache
-def matmul_peak(device: str, amp: str = "off", threads: int | None = None) -> float:
+def matmul_peak(device: str, amp: str = "off", threads: int | None = None) -> float:  # threads: the cache key
     """GFLOP/s of the best of 10 square matrix products in the step's precision (fp32; bf16 or fp16
     under autocast) with this process's threads: what the machine's BLAS reaches on the most regular
     work there is, the ceiling a training step's GFLOP/s is read against. 1024 x 1024 on a CPU (a few

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.ablation import Variant
-from experiments.studies import families, get_study
+from experiments.studies import STUDY_DESCRIPTIONS, families, get_study
 from study import schema
 from study.config import Config, ConfigError, apply_values, flatten, identity
-from study.storage import PatientClient
 from study.sweep import driver
+from study.tracking import RunLogger
 
 HEARTBEAT_S = 10  # a worker's trial is stale after GRACE_S without a heartbeat
 GRACE_S = 30
@@ -360,20 +360,20 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
 
     parent = driver.prepare(plan.sweep)
     planned = (len(plan.variants) + len(plan.skipped)) * len(plan.seeds)
+    summary = RunLogger(parent)  # the parent's own records: its tags here, its summary metrics below
     # a report on an unfinished study says so; the UI shows what the study asks on its parent's page
-    client = PatientClient()
-    for key, value in {schema.CELLS_PLANNED: planned, schema.NOTE: _parent_note(plan, planned)}.items():
-        client.set_tag(parent, key, value)
+    summary.tags({schema.CELLS_PLANNED: planned, schema.NOTE: _parent_note(plan, planned)})
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
     if record_skipped(plan, parent):
         echo(f"recorded {len(plan.skipped) * len(plan.seeds)} cell(s) this device cannot run as skipped")
     last = [None]
 
     def progress() -> None:
-        line = _print_progress(plan, echo, last[0])
-        if line != last[0]:
-            log_summary(plan, parent, summary_rows(plan), planned)
-        last[0] = line
+        rows = summary_rows(plan)  # read once, for the line and the parent's metrics
+        state = _print_progress(plan, rows, echo, last[0])
+        if state != last[0]:
+            log_summary(summary, rows, planned)
+        last[0] = state
 
     def done() -> bool:
         states = cell_states(_load_study(plan))
@@ -384,14 +384,12 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
                               (plan, parent), done, lambda: requeue(plan, _load_study(plan)), progress, echo,
                               poll_s)  # fmt: skip
     rows = summary_rows(plan)
-    log_summary(plan, parent, rows, planned)
+    log_summary(summary, rows, planned)
     echo(pd.DataFrame(rows).to_string(index=False))
     return rows
 
 
 def _parent_note(plan: Plan, planned: int) -> str:
-    from experiments.studies import STUDY_DESCRIPTIONS
-
     return (f"Study {plan.study} at preset {plan.preset}: {STUDY_DESCRIPTIONS.get(plan.study, '')}. "
             f"{len(plan.variants) + len(plan.skipped)} variants x {len(plan.seeds)} seeds = {planned} cells of "
             f"{plan.base.train.epochs} epochs; each cell is a child run. Summary metrics here: cells_done, and "
@@ -404,7 +402,7 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^\w\-. /:]", "_", name)
 
 
-def log_summary(plan: Plan, parent: str, rows: list[dict], planned: int) -> None:
+def log_summary(parent: RunLogger, rows: list[dict], planned: int) -> None:
     """The study at a glance on its parent run (the UI's charts): cells done of planned, each variant's
     mean latest validation and final test bits/dim over its seeds, and the best of each; step = cells
     done, so each chart is the study's history."""
@@ -418,27 +416,19 @@ def log_summary(plan: Plan, parent: str, rows: list[dict], planned: int) -> None
         values = [v for k, v in metrics.items() if k.startswith(key + "/")]
         if values:
             metrics[f"{key}/best"] = min(values)
-    PatientClient().log_batch(parent, metrics=[_metric(k, v, done) for k, v in metrics.items()])
+    parent.metrics(metrics, step=done)
 
 
-def _metric(key: str, value: float, step: int):
-    import time
-
-    from mlflow.entities import Metric
-
-    return Metric(key, float(value), int(time.time() * 1000), step)
-
-
-def _print_progress(plan: Plan, echo, last):
+def _print_progress(plan: Plan, rows: list[dict], echo, last):
     """Print the study's progress when it changed: cells done, running and left with an ETA, then only
     the variants whose finished figures changed since the last line (mean test bits/dim over their
     finished seeds, with how many): never an epoch in progress, never the same variant twice unchanged.
-    ``last`` is what the previous call returned; returns (the line's head, the finished figures)."""
+    rows: summary_rows; ``last``: what the previous call returned. Returns (the line's head, the finished
+    figures)."""
     from optuna.trial import TrialState
 
     from study.run.progress import clock, remaining
 
-    rows = summary_rows(plan)
     done = sum(r["done"] for r in rows)
     running = sum(r["running"] for r in rows)
     left = len(plan.cells) - done - running
