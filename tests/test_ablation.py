@@ -91,6 +91,9 @@ def test_demo_study_runs_every_cell_once_under_one_parent(store, tmp_path):
         assert r.data.tags["outcome"] in ("completed", "recovered", "diverged")
         assert r.data.tags["study"] == "stabilizers"
     assert {r["variant"] for r in rows} == set(ONLY) and all(r["done"] == 2 for r in rows)
+    for r in rows:  # the n behind each mean test figure: the variant's runs that have one
+        tested = [c for c in children if c.data.tags["variant"] == r["variant"] and "test_bpd" in c.data.metrics]
+        assert r["test n"] == len(tested)
     assert any(line.startswith("cells done 6, running 0, left 0") for line in lines)
     # the parent shows the study at a glance: a description and summary metrics the UI charts
     parent = parents[0].data
@@ -106,7 +109,7 @@ def test_demo_study_runs_every_cell_once_under_one_parent(store, tmp_path):
     # the progress lines show finished figures only, each variant's once per change
     text = "\n".join(lines)
     for v in ONLY:
-        assert text.count(f"{v} {means[v]:.4f} (2/2)") == 1, text
+        assert text.count(f"{v} {means[v]:.4f} (n=2; 2/2 seeds done)") == 1, text
     assert not any("val bpd" in line for line in lines if line.startswith("cells done"))  # no epoch in progress
     study = optuna.load_study(study_name=plan.optuna_name, storage=plan.storage)
     assert all(state == "COMPLETE" for state in ab.cell_states(study).values())

@@ -348,6 +348,7 @@ def summary_rows(plan: Plan) -> list[dict]:
             "left": sum(c not in ("COMPLETE", "RUNNING") for c in cells),
             "val bpd (latest, mean)": round(sum(vals) / len(vals), 4) if vals else None,
             "test bpd (mean)": round(sum(tests) / len(tests), 4) if tests else None,
+            "test n": len(tests),  # the runs behind that mean (a diverged run has no test figure)
             "diverged": sum(o == "diverged" for o in outcomes),
         })  # fmt: skip
     return rows
@@ -439,10 +440,10 @@ def _print_progress(plan: Plan, rows: list[dict], echo, last):
     head = f"cells done {done}, running {running}, left {left}"
     if took and (left or running):
         head += f", ETA {clock(eta)}"
-    finished = {r["variant"]: (r["done"], r["test bpd (mean)"]) for r in rows if r["done"]}
+    finished = {r["variant"]: (r["done"], r["test bpd (mean)"], r["test n"]) for r in rows if r["done"]}
     before = last[1] if last else {}
-    changed = [f"{v} {t:.4f} ({n}/{len(plan.seeds)})" for v, (n, t) in finished.items()
-               if before.get(v) != (n, t) and t is not None]  # fmt: skip
+    changed = [f"{v} {t:.4f} (n={k}; {n}/{len(plan.seeds)} seeds done)" for v, (n, t, k) in finished.items()
+               if before.get(v) != (n, t, k) and t is not None]  # fmt: skip
     state = (head, finished)
     if state != last:
         echo(head + (f" | test bpd, finished seeds: {', '.join(changed)}" if changed else ""))
