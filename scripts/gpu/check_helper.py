@@ -191,8 +191,12 @@ def evaluate(uri: str, data: str) -> int:
     if done.returncode != 0:
         return done.returncode
     logged = store.last(run, "test_bpd")
-    numbers = re.findall(r"\d+\.\d+", done.stdout)
-    got = f"test {numbers[-1]} bits/dim" if numbers else (done.stdout.strip().splitlines() or ["no output"])[-1][:80]
+    # "...: 7.7672 +- 0.0071 bits/dim (standard error ...)": the figure is the number before "+-"
+    figure = re.search(r"(\d+\.\d+)\s*(?:\+-\s*(\d+\.\d+)\s*)?bits/dim", done.stdout)
+    if figure:
+        got = f"test {figure[1]}" + (f" +- {figure[2]}" if figure[2] else "") + " bits/dim"
+    else:
+        got = (done.stdout.strip().splitlines() or ["no output"])[-1][:80]
     print(f"KEY: {store.tag(run, 'variant')} {run[:8]}: {got}; the run logged test {fmt(logged, '.4f')}")
     return 0
 
