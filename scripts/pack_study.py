@@ -11,7 +11,8 @@ In place, on STUDY_DIR/mlflow.db and STUDY_DIR/mlartifacts/:
   latents, 4x4) to keep the repository small; other grids and logged reports are dropped;
 - checkpoints are kept only for the runs the report loads (analysis.diagnosis.checkpoint_runs), as
   model weights with their config and history (no optimizer state), and dropped for every other run;
-- the local checkpoints/ folder (absolute paths of the machine that trained) is not committed;
+- the local checkpoints/ folder is not committed, and no absolute path of the machine that trained stays
+  in the store (study.tracking.portable_paths: checkpoint_dir tags, the Default experiment's root);
 - every experiment is tagged for MLflow's model-training view (a store made before the tag existed).
 Prints what it kept and the size of what will be committed.
 """
@@ -51,7 +52,7 @@ def main(study_dir: Path) -> None:
 
     from analysis.diagnosis import checkpoint_runs
     from study import schema
-    from study.tracking import EXPERIMENT_KIND, relocate_artifacts
+    from study.tracking import EXPERIMENT_KIND, portable_paths, relocate_artifacts
 
     db = study_dir / "mlflow.db"
     client = mlflow.MlflowClient(f"sqlite:///{db.resolve()}")
@@ -61,6 +62,7 @@ def main(study_dir: Path) -> None:
         if EXPERIMENT_KIND not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     print(f"relocated {relocate_artifacts(db)} artifact locations to mlflow-artifacts:/")
+    print(f"made {portable_paths(db)} absolute paths of this machine relative")
     art_root = study_dir / "mlartifacts"
     for exp_dir in sorted(p for p in art_root.iterdir() if p.is_dir()) if art_root.exists() else []:
         for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir()):

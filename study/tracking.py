@@ -24,6 +24,7 @@ DEFAULT_DB = "mlflow.db"
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 DEFAULT_EXPERIMENT = "realnvp"
+UI_APP = "realnvp-ui"  # the mlflow.app entry point of pyproject.toml: study/ui_app.py
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI picks the model-training or the GenAI view by it
 
 
@@ -332,12 +333,22 @@ def log_artifacts(run_id: str, folder: Path, artifact_path: str, uri: str | None
         client.log_artifacts(run_id, str(folder), artifact_path)
 
 
+def ui_app_installed() -> bool:
+    """Whether MLflow can find this project's UI app (the project pip-installed, as scripts/setup.sh does)."""
+    import importlib.metadata
+
+    return any(e.name == UI_APP for e in importlib.metadata.entry_points(group="mlflow.app"))
+
+
 def ui_command(uri: str, port: int) -> list[str]:
     import sys
 
     # one worker: more add ~40 ms to every request (uvicorn); the UI binds to loopback only
+    # --app-name: MLflow's own app, opening in the model-training view (study/ui_app.py)
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port), "--workers", "1"]  # fmt: skip
+    if ui_app_installed():
+        command += ["--app-name", UI_APP]
     root = artifact_store(uri)
     if root is not None:  # proxied artifacts (a committed study's) resolve against the store's folder
         command += ["--artifacts-destination", str(root)]
@@ -363,6 +374,9 @@ def serve_ui(uri: str | None, port: int, echo=print) -> None:
     experiments = [e for e in mlflow.MlflowClient(uri).search_experiments() if e.name != "Default"]
     proc = subprocess.Popen(ui_command(uri, port), start_new_session=True)
     echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
+    if not ui_app_installed():
+        echo("  note: the project is not pip-installed (pip install -e .), so MLflow's plain UI runs: a run or "
+             "the compare page may open in its GenAI view; its sidebar switch says 'Model training'")
     for e in sorted(experiments, key=lambda e: e.name):  # straight into the model-training view, not GenAI's
         echo(f"  {e.name}: http://127.0.0.1:{port}/#/experiments/{e.experiment_id}/runs?workflowType=machine_learning")
     try:
@@ -389,6 +403,39 @@ def stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     except ProcessLookupError:
         pass
     proc.wait(timeout=5)
+
+
+def portable_paths(db: Path) -> int:
+    """Make a finished SQLite store hold no absolute path of the machine that made it (for committing a
+    study, with :func:`relocate_artifacts`). Two kinds are left once artifacts are relocated:
+
+    - each run's ``checkpoint_dir`` tag, ``/machine/.../ROOT/EXPERIMENT/RUN_ID``, becomes the relative
+      ``ROOT/EXPERIMENT/RUN_ID`` (the layout every checkpoint root has). Its folder is not committed, so
+      readers fall back to the run's checkpoint artifact, as for any folder that is not on this machine;
+    - the Default experiment's artifact root, the ``./mlruns`` that MLflow resolved on that machine when
+      it created the store, becomes ``mlflow-artifacts:/0`` like every other experiment's.
+
+    Returns the rows changed. MLflow has no API to change an experiment's artifact root, so like
+    relocate_artifacts this edits the store's tables directly, the tags too (one transaction); it is for
+    committing a study, not for a store a process is writing to."""
+    import sqlite3
+
+    changed = 0
+    with sqlite3.connect(db) as con:
+        tags = con.execute("SELECT run_uuid, value FROM tags WHERE key = ?", (schema.CHECKPOINT_DIR,)).fetchall()
+        for run_id, value in tags:
+            if value and Path(value).is_absolute():
+                portable = "/".join(Path(value).parts[-3:])
+                con.execute("UPDATE tags SET value = ? WHERE run_uuid = ? AND key = ?",
+                            (portable, run_id, schema.CHECKPOINT_DIR))  # fmt: skip
+                changed += 1
+        rows = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
+        for exp_id, location in rows:
+            if location and (location.startswith("file:") or Path(location).is_absolute()):
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                            (f"mlflow-artifacts:/{exp_id}", exp_id))  # fmt: skip
+                changed += 1
+    return changed
 
 
 def relocate_artifacts(db: Path) -> int:

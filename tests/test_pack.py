@@ -21,6 +21,25 @@ from tests.conftest import TINY_RUN
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def absolute_paths(db: Path) -> list[tuple[str, str, str]]:
+    """(table, column, value) for each text value in a SQLite file that names a place on the machine
+    that wrote it: an absolute path, a file: URI, or one of the usual home/work/temp prefixes inside."""
+    found = []
+    with sqlite3.connect(db) as con:
+        for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            for column in [c[1] for c in con.execute(f"PRAGMA table_info('{table}')")]:
+                for (value,) in con.execute(f'SELECT "{column}" FROM "{table}" WHERE typeof("{column}") = \'text\''):
+                    if value.startswith(("/", "file:")) or any(p in value for p in ("/work/", "/home/", "/tmp/")):
+                        found.append((table, column, value))
+    return found
+
+
+def test_committed_stores_hold_no_path_of_the_machine_that_made_them():
+    dbs = sorted((ROOT / "studies").glob("*/*.db"))
+    assert len(dbs) >= 4
+    assert {db: absolute_paths(db)[:3] for db in dbs if absolute_paths(db)} == {}
+
+
 def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
     study = tmp_path / "studies" / "tiny"
     study.mkdir(parents=True)
@@ -40,6 +59,10 @@ def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
         uris = [u for (u,) in db.execute("SELECT artifact_uri FROM runs")]
     assert uris and all(u.startswith("mlflow-artifacts:/tiny/") for u in uris)
     assert not (study / "checkpoints").exists()
+    assert absolute_paths(study / "mlflow.db") == [] and absolute_paths(study / "optuna.db") == []
+    with sqlite3.connect(study / "mlflow.db") as db:  # the checkpoint layout stays, relative
+        dirs = [v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'checkpoint_dir'")]
+    assert dirs and all(d.startswith("checkpoints/tiny/") for d in dirs)
 
     moved = tmp_path / "elsewhere" / "tiny"  # a clone in another place: nothing absolute survives
     shutil.copytree(study, moved)

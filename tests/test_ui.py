@@ -159,3 +159,63 @@ def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sampl
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
         page.screenshot(path=str(ARTIFACTS / f"mlflow-ui-{committed.name}-sample-grid.png"))
         assert page.get_by_text(grid).count() > 0 and page.get_by_text("No Artifacts Recorded").count() == 0
+
+
+@pytest.mark.slow(40)
+def test_runs_and_the_compare_page_open_in_the_model_training_view(tmp_path):
+    """MLflow 3's UI remembers GenAI as its view unless told otherwise, and its own links drop the URL's
+    workflowType: the first click on a run landed in GenAI's "Evaluations". The project's server makes
+    model training the browser's default (study/ui_app.py): a fresh browser clicks from the printed
+    experiment link into a child run, opens the compare page, and sees the parent's bits/dim first."""
+    from experiments.presets import preset_config
+    from study.config import apply_values
+    from study.sweep import ablation as ab
+    from tests.conftest import TINY_RUN
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base_cfg = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64})
+    plan = ab.make_plan("stabilizers", "demo", base_cfg, (0,), ("seed-report", "paper"), "cpu",
+                        experiment="view-check", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                        tracking_uri=store, checkpoint_root=tmp_path / "ckpt")  # fmt: skip
+    ab.run(plan, workers=1, echo=lambda s: None)
+    import mlflow
+
+    client = mlflow.MlflowClient(store)
+    exp = client.get_experiment_by_name("view-check")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r.info.run_id for r in runs if "mlflow.parentRunId" in r.data.tags]
+    (parent,) = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(children) == 2
+    runs_page = f"#/experiments/{exp.experiment_id}/runs"
+
+    def in_model_training_view(page) -> bool:
+        page.get_by_text("Model registry").first.wait_for(timeout=60_000)  # the model-training sidebar
+        genai = ("Evaluation runs", "Evaluations", "Sessions", "Judges")  # GenAI's sidebar and breadcrumb
+        return not any(page.get_by_text(word, exact=True).count() for word in genai)
+
+    with _ui_page(store, tmp_path) as (base, page):
+        page.goto(f"{base}/{runs_page}?workflowType=machine_learning")  # the link `ui` prints
+        expand = page.locator("button[data-component-id*='runnamecellrenderer']").first  # the parent's [+]
+        expand.wait_for(timeout=60_000)
+        expand.click()
+        child = page.locator(f"a[href$='{runs_page}/{children[0]}']").first
+        child.wait_for(timeout=60_000)
+        child.click()  # MLflow's own link, without the workflowType parameter
+        page.wait_for_url(f"**/runs/{children[0]}**", timeout=60_000)
+        page.get_by_text("Model metrics", exact=True).first.wait_for(timeout=60_000)  # the run's tabs
+        assert in_model_training_view(page)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-child-run-view.png"))
+        page.goto(f"{base}/#/compare-runs?runs=[\"{children[0]}\",\"{children[1]}\"]"
+                  f"&experiments=[\"{exp.experiment_id}\"]")  # fmt: skip
+        page.get_by_text("Comparing 2 Runs").first.wait_for(timeout=60_000)
+        assert in_model_training_view(page)
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-compare-view.png"))
+        page.goto(f"{base}/{runs_page}/{parent}/model-metrics")
+        page.get_by_text("val_bpd", exact=True).first.wait_for(timeout=60_000)  # a section of charts
+        assert in_model_training_view(page)
+        text = page.inner_text("body")
+        # the first section of charts after the tab's own controls is bits/dim (prefixed metrics come
+        # first, alphabetically; the cell counts, unprefixed, sit in the last section, "Model metrics")
+        charts = text.split("Auto-refresh", 1)[1].split()
+        assert charts[0] in ("test_bpd", "val_bpd"), charts[:20]
+        page.screenshot(path=str(ARTIFACTS / "mlflow-ui-parent-metrics.png"))
