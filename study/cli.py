@@ -219,6 +219,10 @@ EXAMPLES = {  # each command's help ends with these; a test parses every one
         "ui",
         "ui --tracking-uri sqlite:///studies/headline/mlflow.db --port 5001",
     ),
+    "dashboard": (
+        "dashboard",
+        "dashboard --storage sqlite:///studies/headline/optuna.db --port 8081",
+    ),
     "sample": (
         "sample --run RUN_ID --temperature 0.7 -n 36",
     ),
@@ -531,6 +535,25 @@ def ui(tracking_uri, port):
     except ValueError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:  # the server and its workers are stopped
+        sys.exit(signals.exit_code(e))
+
+
+@cli.command(epilog=_examples("dashboard"))
+@STORAGE
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def dashboard(storage, port):
+    """Serve optuna-dashboard, Optuna's viewer, for the study's Optuna storage on 127.0.0.1: each sweep's
+    trials, states, parameters and values. Ctrl-C, SIGTERM or SIGHUP stop it."""
+    from study.dashboard import serve_dashboard
+    from study.sweep.driver import default_storage
+
+    storage = storage or default_storage()
+    _check_storage(storage)
+    try:
+        serve_dashboard(storage, port, echo=click.echo)
+    except ConfigError as e:
+        _fail(str(e))
+    except KeyboardInterrupt as e:  # optuna-dashboard and its workers are stopped
         sys.exit(signals.exit_code(e))
 
 

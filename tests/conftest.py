@@ -19,7 +19,8 @@ from study.flows import FlowOptions
 # convolution 50-100x slower (measured: 1.5 s against 20 ms for one step of a 4-map model).
 torch.set_num_threads(1)
 
-SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-slices"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the one definition the tests share
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-slices"
 
 
 # --- tools some tests drive for real ----------------------------------------------------------------

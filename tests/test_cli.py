@@ -5,9 +5,17 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import run_study
-from tests.conftest import has_dist, needs
+from tests.conftest import ROOT, has_dist, needs
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def test_summary_of_the_paper_model_needs_no_cifar10_files(tmp_path, monkeypatch):
+    """The README's `summary --preset paper` on a machine without CIFAR-10: the model (18.52 M parameters,
+    12.19 GFLOP per image, as the README states), and the data named as absent."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(run_study.cli, ["summary", "--preset", "paper"])
+    assert result.exit_code == 0, result.output
+    assert "parameters  18.519 M" in result.stdout and "forward     12.186 GFLOP" in result.stdout
+    assert "no CIFAR-10 under data/cifar10: the model alone" in result.stdout
 
 
 def test_summary_describes_the_demo_model():

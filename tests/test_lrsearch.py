@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -17,9 +16,7 @@ from experiments.presets import preset_config
 from study.config import ConfigError, apply_values
 from study.sweep import lrsearch
 from study.sweep.driver import CLAIM_PREFIX
-from tests.conftest import TINY_RUN, tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, TINY_RUN, tiny_overrides
 
 
 def _search(tmp_path, store, **kw):
@@ -72,7 +69,7 @@ def test_diverged_trial_is_recorded_and_the_search_goes_on(store, tmp_path, monk
     frame, best = lrsearch.run(_search(tmp_path, store, trials=2), workers=1, echo=lambda s: None)
     assert list(frame["outcome"]) == ["diverged", "diverged"] and list(frame["state"]) == ["COMPLETE"] * 2
     assert all(math.isinf(v) for v in frame["value"]) and best is None  # the search went on past the first
-    study = optuna.load_study(study_name=_search(tmp_path, store, trials=2).name,
+    study = optuna.load_study(study_name=_search(tmp_path, store, trials=2).study_name,
                               storage=f"sqlite:///{tmp_path / 'optuna.db'}")  # fmt: skip
     assert [t.user_attrs["cause"] for t in study.trials] == ["non-finite loss"] * 2
     run = mlflow.MlflowClient(store).get_run(frame["mlflow_run_id"][0])

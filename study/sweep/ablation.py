@@ -50,10 +50,22 @@ class Plan:
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     @property
-    def optuna_name(self) -> str:
-        """One Optuna study per grid (a GridSampler's search space is fixed)."""
+    def _grid_key(self) -> str:
         grid = json.dumps([[v.name for v in self.variants], list(self.seeds)])
-        return f"{self.study}-{self.preset}-{self.key}-{hashlib.sha1(grid.encode()).hexdigest()[:8]}"
+        return hashlib.sha1(grid.encode()).hexdigest()[:8]
+
+    @property
+    def optuna_name(self) -> str:
+        """One Optuna study per grid (a GridSampler's search space is fixed), named for what it holds;
+        the bracket (base config, grid) keeps it unique, as the hashed name before it was."""
+        v, s = len(self.variants), len(self.seeds)
+        what = f"{v} variant{'s' * (v != 1)} x {s} seed{'s' * (s != 1)}"
+        return f"{self.study} {self.preset}: {what} ({self.key}-{self._grid_key})"
+
+    @property
+    def legacy_optuna_name(self) -> str:
+        """The name a store made before 2026-12-04 holds the same grid under."""
+        return f"{self.study}-{self.preset}-{self.key}-{self._grid_key}"
 
     def cell_config(self, variant: Variant, seed: int) -> Config:
         return apply_values(self.base, {**variant.overrides, "train.seed": seed})
@@ -68,7 +80,7 @@ class Plan:
                 **self.tags}  # fmt: skip
         return driver.Sweep(self.optuna_name, self.storage, self.experiment, self.tracking_uri,
                             f"{self.study}-{self.preset}", {schema.ABLATION_KEY: self.key}, flatten(self.base), tags,
-                            self.heartbeat, self.grace)  # fmt: skip
+                            self.heartbeat, self.grace, legacy_name=self.legacy_optuna_name)  # fmt: skip
 
 
 def make_plan(
@@ -104,7 +116,7 @@ def make_plan(
     for v in runnable:  # every cell's config is valid before anything starts
         apply_values(base, v.overrides)
     experiment = kwargs.pop("experiment", None) or f"{study}-{preset}"
-    storage = kwargs.pop("storage", None) or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    storage = kwargs.pop("storage", None) or driver.default_storage()
     return Plan(study, preset, base, runnable, tuple(seeds), skipped, experiment, storage, device=device, **kwargs)
 
 

@@ -27,7 +27,12 @@ from study import schema
 MAX_RETRY = 3  # a killed worker's trial is re-queued at most this many times
 STORAGE_FAULT_EXIT = 75  # a worker stopped by a full disk or a store locked past the wait (EX_TEMPFAIL)
 PARENT_ATTR = "mlflow_parent_run_id"  # on a sweep's parent claim study (_claim_parent)
-CLAIM_PREFIX = "mlflow-parent-"  # the claim studies' names: trial-less Optuna studies beside the sweeps
+CLAIM_PREFIX = "parent-run claim: "  # the claim studies' names: trial-less Optuna studies beside the sweeps
+LEGACY_CLAIM_PREFIX = "mlflow-parent-"  # the claims' names in stores made before 2026-12-04
+
+
+def is_claim(study_name: str) -> bool:
+    return study_name.startswith((CLAIM_PREFIX, LEGACY_CLAIM_PREFIX))
 
 
 @dataclass
@@ -46,6 +51,26 @@ class Sweep:
     heartbeat: int = 10
     grace: int = 30
     direction: str = "minimize"
+    legacy_name: str = ""  # the study's name in a store made before readable names: resumed under it
+
+
+def study_name(sweep: Sweep, store=None) -> str:
+    """The Optuna study a sweep runs in: its readable name, or its legacy hashed one where the storage
+    already holds that study (and not the readable one), so a study begun before the names changed is
+    resumed, not begun again."""
+    import optuna
+
+    if not sweep.legacy_name:
+        return sweep.study_name
+    names = {s.study_name for s in optuna.get_all_study_summaries(store or storage(sweep), include_best_trial=False)}
+    return sweep.legacy_name if sweep.legacy_name in names and sweep.study_name not in names else sweep.study_name
+
+
+def default_storage() -> str:
+    """Where a sweep's Optuna study lives when --storage and $OPTUNA_STORAGE are unset: optuna.db here."""
+    from pathlib import Path
+
+    return f"sqlite:///{Path.cwd() / 'optuna.db'}"
 
 
 def heartbeat_storage(url: str, heartbeat: int, grace: int):
@@ -113,7 +138,8 @@ def storage(sweep: Sweep):
 def load(sweep: Sweep, sampler=None, pruner=None):
     import optuna
 
-    return optuna.load_study(study_name=sweep.study_name, storage=storage(sweep), sampler=sampler, pruner=pruner)
+    store = storage(sweep)
+    return optuna.load_study(study_name=study_name(sweep, store), storage=store, sampler=sampler, pruner=pruner)
 
 
 def prepare(sweep: Sweep) -> str:
@@ -125,7 +151,8 @@ def prepare(sweep: Sweep) -> str:
     from study.tracking import create_run, setup
 
     _, exp_id = setup(sweep.tracking_uri, sweep.experiment)
-    optuna.create_study(study_name=sweep.study_name, storage=storage(sweep), direction=sweep.direction,
+    store = storage(sweep)
+    optuna.create_study(study_name=study_name(sweep, store), storage=store, direction=sweep.direction,
                         load_if_exists=True)  # fmt: skip
     client = mlflow.MlflowClient()
     parent = _find_parent(sweep, exp_id) or _claim_parent(sweep, exp_id, lambda: create_run(
@@ -153,7 +180,7 @@ def _claim_parent(sweep: Sweep, exp_id: str, create: Callable[[], str], wait_s: 
     import optuna
 
     identity = json.dumps([sweep.experiment, sorted(sweep.parent_tags.items())])
-    name = f"{CLAIM_PREFIX}{hashlib.sha1(identity.encode()).hexdigest()[:12]}"
+    name = f"{CLAIM_PREFIX}{sweep.experiment} ({hashlib.sha1(identity.encode()).hexdigest()[:12]})"
     store = storage(sweep)
     try:
         claim = optuna.create_study(study_name=name, storage=store)

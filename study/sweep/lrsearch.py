@@ -49,13 +49,21 @@ class Search:
         return f"lr-{self.variant}-{self.preset}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
     @property
+    def study_name(self) -> str:
+        """The Optuna study's name, readable; the bracket is ``name``'s hash (base config, range, sampler),
+        which keeps two searches apart. ``name`` stays the parent run's identity and name."""
+        warmup = " and warm-up" if self.search_warmup else ""
+        return (f"lr-search {self.variant} {self.preset}: {self.sampler}, lr {self.low:g} to {self.high:g}{warmup} "
+                f"({self.name.rsplit('-', 1)[1]})")  # fmt: skip
+
+    @property
     def sweep(self) -> driver.Sweep:
         tags = {schema.VARIANT: self.variant, schema.PRESET: self.preset, schema.SAMPLER: self.sampler,
                 schema.PRUNER: str(self.pruner)}  # fmt: skip
         params = {"search.low": self.low, "search.high": self.high, "search.trials": self.trials}
-        return driver.Sweep(self.name, self.storage, self.experiment, self.tracking_uri, self.name,
+        return driver.Sweep(self.study_name, self.storage, self.experiment, self.tracking_uri, self.name,
                             {schema.LR_SEARCH: self.name, schema.KIND: schema.KIND_LR_SEARCH}, params, tags,
-                            self.heartbeat, self.grace)  # fmt: skip
+                            self.heartbeat, self.grace, legacy_name=self.name)  # fmt: skip
 
 
 def make_search(
@@ -80,7 +88,7 @@ def make_search(
             raise ConfigError(f"--variant {variant!r}: use one of {', '.join(by)}")
         base = apply_values(base, by[variant].overrides)
     kw["experiment"] = kw.get("experiment") or f"lr-search-{preset}"
-    kw["storage"] = kw.get("storage") or f"sqlite:///{Path.cwd() / 'optuna.db'}"
+    kw["storage"] = kw.get("storage") or driver.default_storage()
     return Search(base, preset, variant or "default", trials, low, high, sampler, pruner, **kw)
 
 
