@@ -9,7 +9,9 @@ hears of the epoch; ``slow-save=S`` and ``slow-log=S`` pause S seconds inside ev
 metrics goes to MLflow, so that a kill at a random moment often lands there; ``host=NAME`` makes the
 process stand for another machine (its owner tags read NAME:PID), ``grace=S`` and ``beat=S`` shorten
 the ownership grace and the heartbeat interval; ``fill-disk=E:FOLDER`` fills FOLDER's filesystem
-right after epoch E's checkpoint (a file ``FOLDER/filler`` grown until the disk refuses). Nothing here is
+right after epoch E's checkpoint (a file ``FOLDER/filler`` grown until the disk refuses);
+``hold-at-epoch=E`` holds the start of epoch E for 300 s, so that a signal a test sends on reading
+epoch E-1's line reaches a live run however loaded the machine is. Nothing here is
 imported by the harness: production runs use study.run.Hooks as is.
 """
 
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # run as a script, before ROOT is on sys.path: not conftest's
 
 
 class PoisonAt:
@@ -73,6 +75,17 @@ def install(faults: list[str]) -> None:
             import study.run.ownership as own
 
             setattr(own, "GRACE_S" if name == "grace" else "BEAT_S", float(value))
+        elif name == "hold-at-epoch":  # epoch E starts only after 300 s: a signal sent once the line of
+            import study.run.loop as loop  # epoch E-1 is read lands mid-run, however late it is read
+
+            real_epoch, at = loop.train_epoch, int(value)
+
+            def held(run, st, epoch, real_epoch=real_epoch, at=at):
+                if epoch == at:
+                    time.sleep(300)
+                return real_epoch(run, st, epoch)
+
+            loop.train_epoch = held
         elif name == "fill-disk":
             at, _, folder = value.partition(":")
             Hooks.after_checkpoint = lambda _hooks, epoch, at=int(at), folder=folder: (

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -18,9 +17,8 @@ from experiments.presets import preset_config
 from experiments.studies import get_study
 from study.config import ConfigError, apply_values
 from study.sweep import ablation as ab
-from tests.conftest import TINY_RUN, tiny_overrides
+from tests.conftest import ROOT, TINY_RUN, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 ONLY = ("seed-report", "no-gradclip", "paper")
 
 

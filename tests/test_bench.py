@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 import run_study
 from bench.timing import bench, machine
+from tests.conftest import ROOT
 
 
 def test_bench_demo_reports_finite_numbers():
@@ -102,11 +103,9 @@ def test_peak_memory_resets_between_rows():
 def test_bench_optimisations_script_prints_a_before_after_table():
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "bench.optimisations", "--preset", "demo", "--steps", "1", "--compile-size", "none"]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = [line.split("|") for line in out.stdout.splitlines() if line.startswith("| ") and "optimisation" not in line]
     assert len(rows) == 7 and "data path" in rows[-1][1]

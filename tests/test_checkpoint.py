@@ -16,9 +16,7 @@ import torch
 
 from study.run import checkpoint
 from study.storage import StorageFault
-from tests.conftest import flip_middle
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, flip_middle
 
 # A writer that saves large states back to back (epoch k holds a tensor full of k), so a kill at a
 # random moment lands inside a save most of the time. ~16 MB per state: a write takes tens of ms.

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 SHARED = ROOT.parent / "shared"
 REPORTS = sorted(p.parent for p in (ROOT / "report").rglob("README.md"))
 

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 
 from study.config import Config, ConfigError, apply_overrides, apply_values, flatten, unflatten
+from tests.conftest import ROOT
 
 
 def test_flatten_round_trips_every_field():
@@ -62,7 +63,6 @@ def test_recorded_runs_keep_their_identity(tmp_path):
     """Adding a config field must not orphan recorded runs: every run of the committed study still
     hashes to the run_key it was tagged with, so `ablation` resumes it instead of training it again."""
     import shutil
-    from pathlib import Path
 
     import mlflow
 
@@ -70,7 +70,7 @@ def test_recorded_runs_keep_their_identity(tmp_path):
     from study.run import run_key
 
     db = tmp_path / "mlflow.db"  # a copy: opening a store may migrate its schema in place
-    shutil.copy(Path(__file__).resolve().parents[1] / "studies" / "cifar-study" / "mlflow.db", db)
+    shutil.copy(ROOT / "studies" / "cifar-study" / "mlflow.db", db)
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if "run_key" in r.data.tags]  # fmt: skip
@@ -78,3 +78,25 @@ def test_recorded_runs_keep_their_identity(tmp_path):
     for r in runs:
         params = {k: v for k, v in r.data.params.items() if k.partition(".")[0] in SECTIONS}
         assert run_key(r.data.tags["variant"], apply_values(Config(), params)) == r.data.tags["run_key"]
+
+
+def test_the_flow_package_and_the_study_config_agree_on_every_switch():
+    """The flow package keeps its own FlowOptions so it can be used alone; each of its switches is also a
+    field of study.config.Stabilizers, with the same default and the same type, so the two copies cannot
+    drift (a different default would make a run's recorded config lie about the model it built)."""
+    import dataclasses
+    import typing
+
+    from study.config import Stabilizers
+    from study.flows import FlowOptions
+    from study.model import flow_options
+
+    flow, study = FlowOptions(), Stabilizers()
+    study_types = typing.get_type_hints(Stabilizers)
+    for f in dataclasses.fields(FlowOptions):
+        assert hasattr(study, f.name), f"FlowOptions.{f.name} has no Stabilizers field"
+        assert getattr(flow, f.name) == getattr(study, f.name), f"{f.name}: defaults differ"
+        assert typing.get_type_hints(FlowOptions)[f.name] == study_types[f.name], f"{f.name}: types differ"
+    assert flow_options(study) == flow  # the bridge carries every switch across
+    changed = dataclasses.replace(study, scale_fn="softplus", bn_bijector=True, input_clamp=3.0)
+    assert flow_options(changed) == FlowOptions(scale_fn="softplus", bn_bijector=True, input_clamp=3.0)

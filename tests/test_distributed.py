@@ -2,14 +2,11 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.conftest import tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, tiny_overrides
 
 
 def _curve(store, experiment, key):

@@ -22,9 +22,8 @@ import mlflow
 import optuna
 import pytest
 
-from tests.conftest import MLFLOW_SERVER, PSYCOPG2, needs, tiny_overrides
+from tests.conftest import MLFLOW_SERVER, PSYCOPG2, ROOT, needs, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import local_cluster  # noqa: E402
 

@@ -16,9 +16,7 @@ from experiments.presets import preset_config
 from study.config import apply_values
 from study.sweep import ablation as ab
 from study.tracking import download_artifact
-from tests.conftest import TINY_RUN
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, TINY_RUN
 
 
 def absolute_paths(db: Path) -> list[tuple[str, str, str]]:

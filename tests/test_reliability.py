@@ -18,10 +18,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_SERVER, needs, tiny_overrides
+from tests.conftest import MLFLOW_SERVER, ROOT, needs, tiny_overrides
 from tests.test_training import history, spec
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, *args, timeout=120):

@@ -14,9 +14,8 @@ import torch
 from study.config import Config, ConfigError, apply_values, flatten
 from study.run import Hooks, RunSpec, checkpoint, resolve_device, train
 from study.run.step import lr_at
-from tests.conftest import TINY_RUN, flip_middle, tiny_overrides
+from tests.conftest import ROOT, TINY_RUN, flip_middle, tiny_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
 PER_EPOCH = [
     "train_bpd",
     "val_bpd",
@@ -188,8 +187,11 @@ def _cli(store, tmp_path, *extra, faults=()):
 
 def _kill_after(store, tmp_path, prefix: str, sig=signal.SIGKILL):
     """Start a 4-epoch CLI run, send ``sig`` when a stdout line starts with ``prefix``; return the
-    client and the run (and stderr for SIGINT, which the command handles itself)."""
-    proc = _cli(store, tmp_path)
+    client and the run (and stderr for SIGINT, which the command handles itself). The next epoch is held
+    (tests/faults.py): on a loaded machine the line could be read after the 4 tiny epochs had ended, and
+    the signal then reached a process that had exited 0 (seen once on a fresh clone)."""
+    after = int(prefix.split()[1].split("/")[0])
+    proc = _cli(store, tmp_path, faults=(f"hold-at-epoch={after + 1}",))
     for line in proc.stdout:
         if line.startswith(prefix):
             proc.send_signal(sig)

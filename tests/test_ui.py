@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from study.run import train
-from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, needs
+from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, ROOT, needs
 from tests.test_training import spec
 
-ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots land here (ignored by git)
 
 pytestmark = needs(BROWSER, PLAYWRIGHT, MLFLOW_SERVER)
