@@ -3,6 +3,8 @@ back from the checkpoint. Every other resume test trains in fp32, where neither 
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 import torch
 
@@ -25,7 +27,7 @@ class Interrupt(Hooks):
 
 def _interrupted_then_resumed(store, tmp_path, hooks: Interrupt, **extra):
     s = spec(store, tmp_path, "resumed", **extra)
-    s.hooks = hooks
+    s = dataclasses.replace(s, hooks=hooks)  # a RunSpec is frozen
     try:
         train(s)
         raise AssertionError("the run was not interrupted")

@@ -1,5 +1,6 @@
 """One training run end to end against real temporary MLflow stores."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -261,7 +262,7 @@ class PoisonAt(Hooks):
 
 def test_nan_restore_recovers_and_completes(store, tmp_path):
     s = spec(store, tmp_path, **{"stabilizers.nan_policy": "restore", "stabilizers.nan_lr_factor": 0.5})
-    s.hooks = PoisonAt(4)  # step 4 is in epoch 2 (3 steps per epoch)
+    s = dataclasses.replace(s, hooks=PoisonAt(4))  # step 4 is in epoch 2 (3 steps per epoch)
     result = train(s)
     assert result.outcome == "recovered" and result.epochs == 3
     # 4 updates were applied before step 4 (steps 0-3): a divergence in training, not at initialisation
@@ -281,7 +282,7 @@ def test_nan_restore_recovers_and_completes(store, tmp_path):
 
 def test_nan_stop_ends_diverged_and_keeps_earlier_epochs(store, tmp_path):
     s = spec(store, tmp_path, **{"stabilizers.nan_policy": "stop"})
-    s.hooks = PoisonAt(4)
+    s = dataclasses.replace(s, hooks=PoisonAt(4))
     result = train(s)
     assert result.outcome == "diverged" and result.test_bpd is None and result.epochs == 1
     client = mlflow.MlflowClient(store)

@@ -7,6 +7,7 @@ checkpoint. Under torchrun, rank 0 leads (MLflow, checkpoints) and the other ran
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -48,8 +49,8 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
         if d.main:
             result = _lead(spec, splits, resume_run_id, d, device)
         else:
-            spec.echo = lambda _line: None  # one process speaks and logs
-            result = _follow(spec, splits, d, device)
+            quiet = dataclasses.replace(spec, echo=lambda _line: None)  # one process speaks and logs
+            result = _follow(quiet, splits, d, device)
     except BaseException:
         distributed.shutdown(d, clean=False)
         raise
@@ -58,7 +59,8 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
 
 
 def _named_run(spec: RunSpec, client, resume_run_id: str, uri: str, device: torch.device):
-    """``--resume RUN_ID``: the run, with spec's config, variant and preset taken from its checkpoint."""
+    """``--resume RUN_ID``: the run, and the spec to train it by: this one with its config, variant and
+    preset taken from the run and its checkpoint (a RunSpec is never changed in place)."""
     try:
         existing = client.get_run(resume_run_id)
     except Exception:
@@ -66,11 +68,11 @@ def _named_run(spec: RunSpec, client, resume_run_id: str, uri: str, device: torc
     found = checkpoint.load(Path(existing.data.tags.get(schema.CHECKPOINT_DIR, "")))
     if found is None:
         raise ConfigError(f"--resume {resume_run_id}: its checkpoint directory has no readable checkpoint")
-    spec.cfg = unflatten(found[0]["config"])
-    _refuse_changes(resume_run_id, spec.cfg, spec.requested)
-    spec.variant = existing.data.tags.get(schema.VARIANT, spec.variant)
-    spec.preset = existing.data.tags.get(schema.PRESET, spec.preset)
-    return existing
+    saved = unflatten(found[0]["config"])
+    _refuse_changes(resume_run_id, saved, spec.requested)
+    resumed = dataclasses.replace(spec, cfg=saved, variant=existing.data.tags.get(schema.VARIANT, spec.variant),
+                                  preset=existing.data.tags.get(schema.PRESET, spec.preset))  # fmt: skip
+    return existing, resumed
 
 
 def _refuse_changes(run_id: str, saved, requested: dict) -> None:
@@ -99,19 +101,19 @@ def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tupl
 
 
 def _open_store(spec: RunSpec, resume_run_id: str | None, splits: ImageSplits | None, device):
-    """(experiment id, the named run or None, splits): with --resume the run must exist before anything
-    is written, and its own config, variant and data are used."""
+    """(experiment id, the named run or None, splits, the spec to train by): with --resume the run must
+    exist before anything is written, and its own config, variant and data are used."""
     import mlflow
 
     if resume_run_id is None:
-        return setup(spec.tracking_uri, spec.experiment)[1], None, splits
+        return setup(spec.tracking_uri, spec.experiment)[1], None, splits, spec
     uri = resolve_tracking_uri(spec.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    existing = _named_run(spec, PatientClient(), resume_run_id, uri, device)
+    existing, spec = _named_run(spec, PatientClient(), resume_run_id, uri, device)
     splits = splits or load_splits(spec.cfg.data)
     check_fits(spec.cfg, splits.shape)
     patiently(lambda: mlflow.set_experiment(experiment_id=existing.info.experiment_id), "MLflow set_experiment")
-    return existing.info.experiment_id, existing, splits
+    return existing.info.experiment_id, existing, splits, spec
 
 
 def _checkpoint_dir(spec: RunSpec, existing) -> Path:
@@ -157,7 +159,7 @@ def _claimable(spec: RunSpec, existing):
 
 def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device) -> RunResult:
     """Rank 0 (or the only process): find or create the MLflow run, claim it, then train it."""
-    exp_id, existing, splits = _open_store(spec, resume_run_id, splits, device)
+    exp_id, existing, splits, spec = _open_store(spec, resume_run_id, splits, device)
     client = PatientClient()
     cfg, key = spec.cfg, run_key(spec.variant, spec.cfg)
     if cfg.train.threads:  # before the run records its thread count

@@ -31,9 +31,10 @@ class Hooks:
         """Right after an epoch's checkpoint, before MLflow hears of the epoch (a test may die here)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSpec:
-    """Everything that says which run to do and where to record it."""
+    """Everything that says which run to do and where to record it. Frozen: what changes while a run is
+    under way lives in its state (study.run.state); a resume makes a new spec (dataclasses.replace)."""
 
     cfg: Config
     preset: str = "custom"
