@@ -372,9 +372,10 @@ def serve_ui(uri: str | None, port: int, echo=print) -> None:
         why = "the MLflow UI needs the full mlflow package (this environment has only mlflow-skinny)"
         raise ConfigError(f"{why}: pip install mlflow, or browse the store from another machine") from None
     experiments = [e for e in mlflow.MlflowClient(uri).search_experiments() if e.name != "Default"]
-    proc = subprocess.Popen(ui_command(uri, port), start_new_session=True)
+    command = ui_command(uri, port)
+    proc = subprocess.Popen(command, start_new_session=True)
     echo(f"MLflow UI for {uri} at http://127.0.0.1:{port} (Ctrl-C to stop)")
-    if not ui_app_installed():
+    if "--app-name" not in command:  # ui_command found no realnvp-ui entry point
         echo("  note: the project is not pip-installed (pip install -e .), so MLflow's plain UI runs: a run or "
              "the compare page may open in its GenAI view; its sidebar switch says 'Model training'")
     for e in sorted(experiments, key=lambda e: e.name):  # straight into the model-training view, not GenAI's

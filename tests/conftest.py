@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -117,6 +118,54 @@ def scale_fn(request):
 
 def stab(**kw) -> FlowOptions:
     return FlowOptions(**kw)
+
+
+# --- servers a test starts (the MLflow UI, optuna-dashboard) ----------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list[str], cwd):
+    """A serving command (``ui``, ``dashboard``) in its own process group; on leaving, Ctrl-C, as a user
+    stops it. Its stdout so far is ``proc.out`` afterwards (all of its group killed if it outlives 30 s)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends: the command stops its server cleanly
+        try:
+            proc.out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+
+def http_get(url: str, seconds: float = 90) -> bytes:
+    """The body of ``url`` once it answers 200, waiting up to ``seconds`` for a server to come up."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return r.read()
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
 # --- MLflow stores --------------------------------------------------------------------------------

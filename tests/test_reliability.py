@@ -18,7 +18,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_SERVER, ROOT, needs, tiny_overrides
+from tests.conftest import MLFLOW_SERVER, ROOT, free_port, http_get, needs, tiny_overrides
 from tests.test_training import history, spec
 
 
@@ -271,22 +271,15 @@ def test_a_signal_to_an_ablation_stops_its_workers_and_records_their_runs(store,
 @needs(MLFLOW_SERVER)
 def test_sigterm_to_ui_stops_the_server_and_its_workers(store, tmp_path):
     mlflow.MlflowClient(store).create_experiment("x")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "run_study.py"), "ui", "--tracking-uri", store, "--port",
                              str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
+    try:
+        http_get(f"http://127.0.0.1:{port}/health", 90)
+    except TimeoutError:
         proc.kill()
-        raise AssertionError("the UI never answered")
+        raise AssertionError("the UI never answered") from None
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err

@@ -1,20 +1,14 @@
 """The MLflow UI in a real browser: headless Chromium shows the experiment and a run's metric."""
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from study.run import train
-from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, ROOT, needs
+from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, ROOT, free_port, http_get, needs, serving
 from tests.test_training import spec
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots land here (ignored by git)
@@ -32,56 +26,24 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, seconds: float = 90) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds} s")
-
-
 @contextlib.contextmanager
 def _ui_page(store: str, cwd: Path):
     """`run_study.py ui` on STORE and a headless Chromium page; yields (base URL, page, the command's
     first line). On leaving, Ctrl-C stops the command, which must say so and exit 130 (128 + SIGINT)."""
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    ui = subprocess.Popen(
-        [sys.executable, str(ROOT / "run_study.py"), "ui", "--tracking-uri", store, "--port", str(port)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    port = free_port()
+    command = [sys.executable, str(ROOT / "run_study.py"), "ui", "--tracking-uri", store, "--port", str(port)]
+    with serving(command, cwd) as ui:
         first = ui.stdout.readline()
         assert f"http://127.0.0.1:{port}" in first
-        _wait_for(f"http://127.0.0.1:{port}/health")
+        http_get(f"http://127.0.0.1:{port}/health")
         ARTIFACTS.mkdir(exist_ok=True)
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             yield f"http://127.0.0.1:{port}", browser.new_page(viewport={"width": 1400, "height": 900})
             browser.close()
-    finally:
-        ui.send_signal(signal.SIGINT)  # what Ctrl-C sends: the command stops the server cleanly
-        try:
-            out, _ = ui.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(ui.pid, signal.SIGKILL)
-            raise
-    assert ui.returncode == 130 and "MLflow UI stopped" in out
+    assert ui.returncode == 130 and "MLflow UI stopped" in ui.out
 
 
 @pytest.mark.slow(25)
