@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The study's command line, runnable from a checkout: `python run_study.py COMMAND`. Installed, the same
-command line is `run-study` (pyproject.toml's console script); both are study/cli.py."""
+command line is `run-study` (pyproject.toml's console script); both are study_cli/, the top floor."""
 
-from study.cli import cli, main
+from study_cli import cli, main
 
 __all__ = ["cli", "main"]
 

@@ -26,68 +26,14 @@ def _param_value(text: str):
     return text
 
 
-def _history_via_client(client, run_id: str) -> dict[int, dict[str, float]]:
-    per_epoch: dict[int, dict] = {}
-    for key in HISTORY_METRICS:
-        for m in client.get_metric_history(run_id, key):
-            per_epoch.setdefault(m.step, {})[key] = m.value
-    return per_epoch
-
-
-def _histories_from_sqlite(tracking_uri: str | None, run_ids: list[str]) -> dict[str, dict[int, dict]] | None:
-    """All per-epoch metrics of ``run_ids`` in one read-only query of a SQLite store's metrics table
-    (one get_metric_history call per run and key costs ~10 ms each: seconds for a study). None when
-    the store is not a SQLite file, so the caller uses the client API."""
-    import sqlite3
-
-    from study.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    if not uri.startswith("sqlite:///"):
-        return None
-    keys = ",".join("?" * len(HISTORY_METRICS))
-    out: dict[str, dict[int, dict]] = {}
-    with sqlite3.connect(f"file:{uri[len('sqlite:///') :]}?mode=ro", uri=True) as db:
-        for start in range(0, len(run_ids), 500):
-            chunk = run_ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            # MLflow stores a NaN as value 0 with is_nan set: a diverged epoch must read NaN, not 0 bits/dim
-            query = (f"SELECT run_uuid, step, key, value, is_nan FROM metrics WHERE run_uuid IN ({marks}) "
-                     f"AND key IN ({keys}) ORDER BY timestamp")  # fmt: skip
-            for run_id, step, key, value, is_nan in db.execute(query, [*chunk, *HISTORY_METRICS]):
-                out.setdefault(run_id, {}).setdefault(int(step), {})[key] = math.nan if is_nan else float(value)
-    return out
-
-
-def _client(tracking_uri: str | None):
-    import mlflow
-
-    from study.tracking import resolve_tracking_uri
-
-    return mlflow.MlflowClient(resolve_tracking_uri(tracking_uri))
-
-
-def find_experiment(tracking_uri: str | None, experiment: str):
-    from study.tracking import resolve_tracking_uri
-
-    exp = _client(tracking_uri).get_experiment_by_name(experiment)
+def find_experiment(store, experiment: str):
+    exp = store.experiment(experiment)
     if exp is None:
         raise NoRunsError(
-            f"no experiment {experiment!r} in {resolve_tracking_uri(tracking_uri)}: run "
+            f"no experiment {experiment!r} in {store.uri}: run "
             "`python run_study.py ablation stabilizers` (or pass --experiment/--tracking-uri) first"
         )
     return exp
-
-
-def metric_histories(tracking_uri: str | None, run_ids: list[str]) -> dict[str, dict[int, dict[str, float]]]:
-    """{run_id: {epoch: {metric: value}}} of HISTORY_METRICS: the one place histories are read. A SQLite
-    store is read in one read-only query (one client call per run and key costs ~10 ms: seconds for a
-    study); any other store through MLflow's public client. tests/test_analysis.py checks both agree."""
-    fast = _histories_from_sqlite(tracking_uri, run_ids)
-    if fast is not None:
-        return {run_id: fast.get(run_id, {}) for run_id in run_ids}
-    client = _client(tracking_uri)
-    return {run_id: _history_via_client(client, run_id) for run_id in run_ids}
 
 
 def _expected_identity(variant: str, seed: int, base_params: dict[str, str]) -> dict | None:
@@ -152,14 +98,13 @@ def pooling_check(runs: pd.DataFrame, parent_params: dict[str, dict[str, str]]) 
     return out
 
 
-def only_study(tracking_uri: str | None) -> str:
+def only_study(store) -> str:
     """The name of the store's only experiment holding a study (a parent run), for commands whose
     --experiment is left out; a NoRunsError lists them when there are several or none."""
-    client = _client(tracking_uri)
     names = []
-    for exp in client.search_experiments():
+    for exp in store.experiments():
         match = f"tags.{schema.KIND} = '{schema.KIND_STUDY_PARENT}'"
-        parents = client.search_runs([exp.experiment_id], filter_string=match, max_results=1)
+        parents = store.search_runs([exp.experiment_id], match, max_results=1)
         if parents:
             names.append(exp.name)
     if len(names) == 1:
@@ -169,28 +114,26 @@ def only_study(tracking_uri: str | None) -> str:
     raise NoRunsError(f"this store holds several studies ({', '.join(sorted(names))}): pass --experiment NAME")
 
 
-def _result_of(run_id: str, row: dict, tracking_uri: str | None) -> str:
+def _result_of(store, run_id: str, row: dict) -> str:
     """The ``result`` of a run recorded before the tag existed, by the same rule (study.run.outcome),
     from its divergence events artifact; "" for a run that did not end."""
     import json
-    import math
 
     from study.run.outcome import classify
-    from study.tracking import download_artifact
 
     events = []
     if row["outcome"] == "diverged":
         try:
             path = f"{schema.EVENTS_DIR}/{schema.DIVERGENCE_EVENTS_FILE}"
-            events = json.loads(download_artifact(run_id, path, tracking_uri).read_text())
+            events = json.loads(store.download_artifact(run_id, path).read_text())
         except FileNotFoundError:  # no events recorded: classified by its outcome alone
             events = []
     final = row["test_bpd"] if math.isfinite(row["test_bpd"]) else row["val_bpd"]
     return classify(row["outcome"], events, final) or ""
 
 
-def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(runs, history, parents) of an experiment's study.
+def collect_runs(store, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(runs, history, parents) of an experiment's study in ``store`` (study.store.Store).
 
     runs: one row per child run (a cell): run_id, parent_run_id, variant, seed, outcome, result (what
         happened to it: study.run.outcome; derived from its events for runs recorded before the tag), status,
@@ -201,9 +144,8 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
     history: one row per (run_id, epoch) with the per-epoch metrics of HISTORY_METRICS, plus variant, seed.
     parents: one row per study parent run (run_id, study, preset, git_commit).
     """
-    client = _client(tracking_uri)
-    exp = find_experiment(tracking_uri, experiment)
-    all_runs = client.search_runs([exp.experiment_id], max_results=50_000)
+    exp = find_experiment(store, experiment)
+    all_runs = store.search_runs([exp.experiment_id])
     parents = [r for r in all_runs if r.data.tags.get("kind") == "study-parent"]
     # cells only: not the study's parent, nor learning-rate search runs that share an experiment
     cells = [r for r in all_runs if "variant" in r.data.tags and "kind" not in r.data.tags
@@ -213,7 +155,7 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
             f"experiment {experiment!r} has no training runs: run `python run_study.py ablation stabilizers` first"
         )
     rows, hist = [], []
-    histories = metric_histories(tracking_uri, [r.info.run_id for r in cells])
+    histories = store.histories([r.info.run_id for r in cells], HISTORY_METRICS)
     for r in cells:
         tags, metrics = r.data.tags, r.data.metrics
         row = {
@@ -245,7 +187,7 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
         row["val_bpd"] = per_epoch[row["epochs"]]["val_bpd"] if epochs else float("nan")
         speeds = [v["images_per_s"] for v in per_epoch.values() if "images_per_s" in v]
         row["images_per_s"] = sum(speeds) / len(speeds) if speeds else float("nan")
-        row["result"] = tags.get("result") or _result_of(r.info.run_id, row, tracking_uri)
+        row["result"] = tags.get("result") or _result_of(store, r.info.run_id, row)
         rows.append(row)
     runs = pd.DataFrame(rows).sort_values(["variant", "seed", "run_id"]).reset_index(drop=True)
     runs["excluded"] = pooling_check(runs, {p.info.run_id: dict(p.data.params) for p in parents})
@@ -264,24 +206,23 @@ def collect_runs(tracking_uri: str | None, experiment: str) -> tuple[pd.DataFram
     return runs, history, pd.DataFrame(parent_rows, columns=columns)
 
 
-def collect_lr_search(tracking_uri: str | None, experiment: str) -> pd.DataFrame:
+def collect_lr_search(store, experiment: str) -> pd.DataFrame:
     """One row per learning-rate search trial run: search, variant, trial, lr, val_bpd (last epoch
     reported), epochs, outcome (completed / pruned / diverged), run_id. Empty when there is none."""
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    exp = store.experiment(experiment)
     columns = ["search", "variant", "trial", "lr", "val_bpd", "epochs", "outcome", "run_id"]
     if exp is None:
         return pd.DataFrame(columns=columns)
     rows = []
-    for r in client.search_runs([exp.experiment_id], max_results=50_000):
+    for r in store.search_runs([exp.experiment_id]):
         tags = r.data.tags
         if "lr_search" not in tags or tags.get("kind") == "lr-search":
             continue
-        history = sorted(client.get_metric_history(r.info.run_id, "val_bpd"), key=lambda m: m.step)
+        history = sorted(store.metric_history(r.info.run_id, "val_bpd"), key=lambda m: m[0])
         rows.append({
             "search": tags["lr_search"], "variant": tags.get("variant", ""), "trial": int(tags.get("trial", -1)),
-            "lr": float(r.data.params["train.lr"]), "val_bpd": history[-1].value if history else float("nan"),
-            "epochs": history[-1].step if history else 0, "outcome": tags.get("outcome", "unfinished"),
+            "lr": float(r.data.params["train.lr"]), "val_bpd": history[-1][1] if history else float("nan"),
+            "epochs": history[-1][0] if history else 0, "outcome": tags.get("outcome", "unfinished"),
             "run_id": r.info.run_id,
         })  # fmt: skip
     return pd.DataFrame(rows, columns=columns).sort_values(["variant", "trial"]).reset_index(drop=True)

@@ -10,15 +10,15 @@ import math
 import pandas as pd
 
 
-def _model_and_splits(run_id: str, uri: str, data: dict[str, str] | None):
+def _model_and_splits(store, run_id: str, data: dict[str, str] | None):
     from study.data import load_splits
     from study.run.state import checkpoint_of_run, model_from_checkpoint
 
-    model, cfg = model_from_checkpoint(checkpoint_of_run(run_id, uri))
+    model, cfg = model_from_checkpoint(checkpoint_of_run(store, run_id))
     return model, cfg, load_splits(dataclasses.replace(cfg.data, **(data or {})))
 
 
-def diagnose(runs: pd.DataFrame, history: pd.DataFrame, uri: str, data: dict[str, str] | None,
+def diagnose(runs: pd.DataFrame, history: pd.DataFrame, store, data: dict[str, str] | None,
              variant: str = "paper-literal-exp", recalibrate: int = 20) -> tuple[pd.DataFrame | None, str]:  # fmt: skip
     """Each run of ``variant`` evaluated on its validation split in eval mode, in train mode, and in eval
     mode after re-estimating batch-norm statistics from ``recalibrate`` training batches, beside its
@@ -32,7 +32,7 @@ def diagnose(runs: pd.DataFrame, history: pd.DataFrame, uri: str, data: dict[str
     rows = []
     for _, r in pick.iterrows():
         try:
-            model, cfg, splits = _model_and_splits(r["run_id"], uri, data)
+            model, cfg, splits = _model_and_splits(store, r["run_id"], data)
         except ValueError as e:
             return None, f"skipped: {e}"
         last = history[history["run_id"] == r["run_id"]].sort_values("epoch")
@@ -48,7 +48,7 @@ def diagnose(runs: pd.DataFrame, history: pd.DataFrame, uri: str, data: dict[str
     return pd.DataFrame(rows), f"`{variant}`, every seed, validation split"
 
 
-def audits(runs: pd.DataFrame, uri: str, data: dict[str, str] | None,
+def audits(runs: pd.DataFrame, store, data: dict[str, str] | None,
            variants: tuple[str, ...] = ("seed-report", "paper")) -> list[tuple[str, pd.DataFrame | None]]:  # fmt: skip
     """The accounting audit (analysis.audit) on the lowest-seed finished run of each of ``variants``
     present (``paper`` has the batch-norm bijector); [(which run or why none, table or None)]."""
@@ -61,7 +61,7 @@ def audits(runs: pd.DataFrame, uri: str, data: dict[str, str] | None,
             continue
         run = pick.sort_values("seed").iloc[0]
         try:
-            model, cfg, splits = _model_and_splits(run["run_id"], uri, data)
+            model, cfg, splits = _model_and_splits(store, run["run_id"], data)
         except ValueError as e:
             out.append((f"{variant}: skipped: {e}", None))
             continue

@@ -17,7 +17,7 @@ from analysis.markdown import fmt_p, md_table
 from analysis.reference import PAPER_BPD, SEED_BPD, SEED_SPREAD
 from experiments.ablation import EQUIVALENCE_MARGIN, label
 
-Beside = tuple[str, str]  # (tracking URI, experiment) of a committed short study
+Beside = tuple  # (study.store.Store, experiment) of a committed short study
 
 
 def _f(x, digits: int = 3) -> str:
@@ -62,8 +62,8 @@ def beside_figures(beside: tuple[Beside, ...], variants: list[str]) -> dict[str,
     from analysis.stats import summarize
 
     out = {}
-    for uri, experiment in beside:
-        runs, _, _ = collect_runs(uri, experiment)
+    for store, experiment in beside:
+        runs, _, _ = collect_runs(store, experiment)
         runs = runs[runs["excluded"] == ""]
         epochs = sorted({int(e) for e in runs["epochs"]})
         column = f"test bpd, `{experiment}` ({'/'.join(map(str, epochs))} epochs)"

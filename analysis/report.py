@@ -69,7 +69,7 @@ class Study:
     diagnosis: tuple[pd.DataFrame | None, str]
     audits: list
     lr_trials: pd.DataFrame
-    beside: tuple = ()  # (URI, experiment) of short studies a long study's Table 2 shows beside its own
+    beside: tuple = ()  # (Store, experiment) of short studies a long study's Table 2 shows beside its own
 
     @property
     def long(self) -> bool:
@@ -84,13 +84,13 @@ class Study:
         return longrun_section.measure(self.runs, self.history, self.window, families(self.study))
 
 
-def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] | None, run_audit: bool,
+def collect_study(store, experiment: str, window: int, data: dict[str, str] | None, run_audit: bool,
                   lr_experiment: str | None, say=lambda line: None) -> Study:  # fmt: skip
     """The study's runs and every figure the report prints, computed once; ``say`` hears each stage."""
     from analysis import diagnosis
     from experiments.studies import FACTORIAL_STUDIES, families
 
-    all_runs, all_history, parents = collect_runs(uri, experiment)  # nothing said before: bad input is one line
+    all_runs, all_history, parents = collect_runs(store, experiment)  # nothing said before: bad input is one line
     epochs = int(all_history["epoch"].max()) if len(all_history) else 0
     say(f"read {len(all_runs)} runs of {experiment} (up to {epochs} epochs); comparing")
     name = parents["study"].dropna().iloc[0] if parents["study"].notna().any() else "stabilizers"
@@ -107,14 +107,14 @@ def collect_study(uri: str, experiment: str, window: int, data: dict[str, str] |
         comparisons = family_comparisons(runs, history, families(name))
     if run_audit:
         say("diagnosis and accounting audit: re-evaluating checkpoints on the data")
-    diag = diagnosis.diagnose(runs, history, uri, data) if run_audit else (None, "not run (--no-audit)")
-    audits = diagnosis.audits(runs, uri, data) if run_audit else []
-    lr_trials = collect_lr_search(uri, lr_experiment or f"lr-search-{runs.iloc[0].get('preset')}")
-    return Study(uri, experiment, window, name, all_runs, runs, history, parents, variant_table(runs, history, window),
+    diag = diagnosis.diagnose(runs, history, store, data) if run_audit else (None, "not run (--no-audit)")
+    audits = diagnosis.audits(runs, store, data) if run_audit else []
+    lr_trials = collect_lr_search(store, lr_experiment or f"lr-search-{runs.iloc[0].get('preset')}")
+    return Study(store.uri, experiment, window, name, all_runs, runs, history, parents, variant_table(runs, history, window),
                  failures(runs, history), comparisons, factorial, diag, audits, lr_trials)  # fmt: skip
 
 
-def _figures(st: Study, fig_dir: Path) -> None:
+def _figures(st: Study, fig_dir: Path, store) -> None:
     if fig_dir.exists():
         shutil.rmtree(fig_dir)
     fig_dir.mkdir(parents=True)
@@ -131,7 +131,7 @@ def _figures(st: Study, fig_dir: Path) -> None:
         if pairs:  # none when every interaction is aliased or dropped among the runs that trained
             figures.interaction_plots(data[~data["failed"]], pairs, fig_dir / "interactions.png")
     with tempfile.TemporaryDirectory() as tmp:
-        grids = _samples(runs, Path(tmp), st.uri)
+        grids = _samples(runs, Path(tmp), store)
         if grids:
             figures.sample_panel(grids, fig_dir / "samples.png")
     if len(st.lr_trials):
@@ -149,16 +149,14 @@ def _interaction_pairs(fit) -> list[tuple[str, str]]:
     return [tuple(x.replace("-", "_") for x in t.split(" x ")) for t in chosen["term"]]
 
 
-def _samples(runs: pd.DataFrame, tmp: Path, uri: str) -> dict[str, Path]:
+def _samples(runs: pd.DataFrame, tmp: Path, store) -> dict[str, Path]:
     """The last sample grid at temperature 0.7 of each variant's lowest-seed run, where it is stored."""
-    from study.tracking import download_artifact
-
     grids = {}
     for variant, r in runs[runs["outcome"] != "skipped"].groupby("variant", sort=True):
         first = r.sort_values("seed").iloc[0]
         try:
-            grids[variant] = download_artifact(first["run_id"], schema.sample_artifact(int(first["epochs"]), 0.7), uri,
-                                               tmp / variant)  # fmt: skip
+            grids[variant] = store.download_artifact(first["run_id"], schema.sample_artifact(int(first["epochs"]), 0.7),
+                                                     tmp / variant)  # fmt: skip
         except FileNotFoundError:  # artifacts of another machine's store may not be reachable here
             continue
     return grids
@@ -525,7 +523,7 @@ def _closing(st: Study) -> list[str]:
 
 
 def generate_report(
-    tracking_uri: str | None,
+    store,
     experiment: str,
     out: Path,
     window: int = 40,
@@ -540,17 +538,11 @@ def generate_report(
     """Write out/README.md and out/figures/*.png from the experiment's runs; return the README path.
     ``say`` hears each stage as it starts (the command line prints them: a report takes a minute).
     Raises analysis.collect.NoRunsError (a one-line message) when there is nothing to report."""
-    import mlflow
-
-    from study.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    st = collect_study(uri, experiment, window, data, run_audit, lr_experiment, say)
+    st = collect_study(store, experiment, window, data, run_audit, lr_experiment, say)
     st = dataclasses.replace(st, beside=beside)
     say("figures")
     fig_dir = out / "figures"
-    _figures(st, fig_dir)
+    _figures(st, fig_dir, store)
     say("tables and text")
     lines = [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_long_run(st), *_families(st),
              *_precision(st), *_factorial(st),
@@ -559,8 +551,6 @@ def generate_report(
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     if log_to_parent and len(st.parents):
-        from study.tracking import log_artifacts
-
         for parent in st.parents["run_id"]:
-            log_artifacts(parent, out, schema.REPORT_DIR, uri)
+            store.log_artifacts(parent, out, schema.REPORT_DIR)
     return readme

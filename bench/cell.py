@@ -55,7 +55,7 @@ import torch
 import study.run.loop as loop
 import study.run.step as step
 from study.run import checkpoint
-from study.tracking import RunLogger
+from study.store import RunLogger
 
 def first_step(fn):
     def call(*a, **k):
@@ -110,7 +110,7 @@ def samples(model, log, epoch):  # its artifact upload is logging's, not the gri
     spent["samples"] = spent.get("samples", 0.0) + time.perf_counter() - t - (spent.get("logging", 0.0) - before)
 loop.log_samples = samples
 
-from study.cli import cli
+from study_cli.commands import cli
 try:
     cli(sys.argv[3:])
 except SystemExit as e:

@@ -266,29 +266,25 @@ def table(results: list[BenchResult]):
     return df
 
 
-def log_results(results: list[BenchResult], tracking_uri: str | None, experiment: str = "bench") -> str:
+def log_results(results: list[BenchResult], store, experiment: str = "bench") -> str:
     """Record a bench table as one MLflow run: the machine and torch as tags, one metric per
-    combination and quantity (e.g. ``bf16_cl.train_ips``). Returns the run id."""
-    import mlflow
-    from mlflow.entities import Metric
-
+    combination and quantity (e.g. ``bf16_cl.train_ips``) in ``store`` (study.store.Store). Returns the
+    run id."""
     from study import schema
-    from study.tracking import create_run, setup
 
-    _, exp_id = setup(tracking_uri, experiment)
+    exp_id = store.open_experiment(experiment)
     first = results[0]
     tags = {schema.KIND: schema.KIND_BENCH, schema.SIZE: first.size, schema.DEVICE: first.device,
             schema.TORCH_VERSION: torch.__version__, schema.THREADS: torch.get_num_threads(),
             schema.MACHINE: machine(first.device)}  # fmt: skip
     params = {"batch": first.batch, "params_m": f"{first.params_m:.3f}"}
-    run_id = create_run(exp_id, f"bench-{first.size}-{first.device}", tags, params)
-    client = mlflow.MlflowClient()
+    run_id = store.create_run(exp_id, f"bench-{first.size}-{first.device}", tags, params)
     metrics = []
     for r in results:
         name = f"{r.arch}.{r.amp}{'_cl' if r.channels_last else ''}{'' if r.compiled == 'off' else '_' + r.compiled}"
         for key in ("train_ips", "train_ips_lo", "train_ips_hi", "eval_ips", "train_gflops", "peak_gflops",
                     "peak_memory_mb"):  # fmt: skip
-            metrics.append(Metric(f"{name}.{key}", float(getattr(r, key)), 0, 0))
-    client.log_batch(run_id, metrics=metrics)
-    client.set_terminated(run_id, "FINISHED")
+            metrics.append((f"{name}.{key}", float(getattr(r, key)), 0, 0))
+    store.log_metric_rows(run_id, metrics)
+    store.set_status(run_id, "FINISHED")
     return run_id

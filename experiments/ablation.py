@@ -18,16 +18,9 @@ report says it needed. The families then ask:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    rationale: str
-    overrides: dict[str, object] = field(default_factory=dict)
-    needs_cuda: bool = False  # a cell this device cannot run is recorded as skipped, with why
-
+from study.sweep.cells import Variant  # the engine's type: a sweep takes its cells as data
 
 # The equivalence margin of every contrast, in test bits/dim: a difference inside +-0.05 is "equivalent".
 # Why 0.05: it is below every gap between successive published CIFAR-10 flows that a reader would act

@@ -1,4 +1,6 @@
-"""The registry of studies that `run_study.py ablation STUDY` runs: their variants and families."""
+"""The registry of studies that `run_study.py ablation STUDY` runs: their variants and families, and
+the plans the engine's sweeps (study/sweep/) are handed: a sweep takes its cells as data and never
+imports this."""
 
 from __future__ import annotations
 
@@ -66,3 +68,71 @@ def find_variant(name: str) -> Variant:
                 return v
     known = ", ".join(v.name for v in STABILIZERS)
     raise KeyError(f"unknown variant {name!r}: use one of {known}, or a cell of `ablation factorial --dry-run`")
+
+
+def plan_study(study: str, preset: str, base, seeds: tuple[int, ...], only: tuple[str, ...] = (), device: str = "auto",
+               **kwargs):  # fmt: skip
+    """The ablation plan (study.sweep.ablation.Plan) of a declared study: its variants and what it asks,
+    checked (unknown study or variant, empty grid: a ConfigError)."""
+    from study.config import ConfigError
+    from study.sweep.ablation import make_plan
+
+    try:
+        variants = get_study(study)
+    except KeyError as e:
+        raise ConfigError(str(e.args[0])) from None
+    return make_plan(study, preset, base, variants, seeds, only, device, description=STUDY_DESCRIPTIONS.get(study, ""),
+                     **kwargs)  # fmt: skip
+
+
+def plan_search(base, preset: str, variant: str | None, trials: int, low: float, high: float, sampler: str, pruner,
+                **kw):  # fmt: skip
+    """A learning-rate search (study.sweep.lrsearch.Search) with the switches of stabilizer variant
+    ``variant`` (None: the preset's own), checked: an unknown variant is a ConfigError."""
+    from study.config import ConfigError
+    from study.sweep.lrsearch import make_search
+
+    chosen = None
+    if variant:
+        by = {v.name: v for v in STABILIZERS}
+        if variant not in by:
+            raise ConfigError(f"--variant {variant!r}: use one of {', '.join(by)}")
+        chosen = by[variant]
+    return make_search(base, preset, chosen, trials, low, high, sampler, pruner, **kw)
+
+
+def describe(plan) -> str:
+    """The plan (study.sweep.ablation.Plan) as text: per family its question and baseline, then each
+    member with the switches it changes against that baseline; seeds and cell count."""
+    from study.config import flatten
+
+    lines = [
+        f"study {plan.study} at preset {plan.preset}: {len(plan.variants)} variants x {len(plan.seeds)} seeds "
+        f"= {len(plan.cells)} cells, {plan.base.train.epochs} epochs each",
+        f"seeds: {', '.join(map(str, plan.seeds))} (shared by every variant)",
+        f"MLflow experiment {plan.experiment}; Optuna study {plan.optuna_name} in {plan.storage}",
+    ]
+    by_name = {v.name: v for v in (*plan.variants, *(v for v, _ in plan.skipped))}
+    skipped = dict((v.name, why) for v, why in plan.skipped)
+    for fam in families(plan.study):
+        members = [m for m in fam.members if m in by_name]
+        if not members:
+            continue
+        if fam.baseline == "design":  # a factorial: every cell's levels, no baseline
+            lines += ["", f"[{fam.name}] {fam.question}"] + [f"  {m:<26} {by_name[m].rationale}" for m in members]
+            continue
+        against = "the member before it" if fam.baseline == "previous" else f"`{fam.baseline}`"
+        lines += ["", f"[{fam.name}] {fam.question} (each against {against})"]
+        for name in members:
+            ref = fam.comparator(name)
+            v = by_name[name]
+            if ref is None:
+                shown = "(baseline)"
+            else:
+                base = {**flatten(plan.base), **by_name[ref].overrides} if ref in by_name else flatten(plan.base)
+                changed = {k: val for k, val in flatten(plan.cell_config(v, 0)).items()
+                           if k.startswith("stabilizers.") and base.get(k) != val}  # fmt: skip
+                shown = ", ".join(f"{k.split('.', 1)[1]}={val}" for k, val in changed.items()) or "(no switch differs)"
+            lines.append(f"  {name:<22} {v.rationale}")
+            lines.append(f"  {'':<22} {shown}" + (f"  [skipped here: {skipped[name]}]" if name in skipped else ""))
+    return "\n".join(lines)

@@ -5,14 +5,14 @@ UI of any clone shows every run's sample grid.
     .venv/bin/python scripts/pack_study.py studies/cifar-study
 
 In place, on STUDY_DIR/mlflow.db and STUDY_DIR/mlartifacts/:
-- artifact locations become ``mlflow-artifacts:/...`` (study.tracking.relocate_artifacts), resolved
+- artifact locations become ``mlflow-artifacts:/...`` (study.store.relocate_artifacts), resolved
   against the store's own mlartifacts/ folder by `run_study.py ui` and by the report;
 - each run keeps its final sample grid at temperature 0.7, cropped to its first 16 samples (the same
   latents, 4x4) to keep the repository small; other grids and logged reports are dropped;
 - checkpoints are kept only for the runs the report loads (analysis.diagnosis.checkpoint_runs), as
   model weights with their config and history (no optimizer state), and dropped for every other run;
 - the local checkpoints/ folder is not committed, and no absolute path of the machine that trained stays
-  in the store (study.tracking.portable_paths: checkpoint_dir tags, the Default experiment's root);
+  in the store (study.store.portable_paths: checkpoint_dir tags, the Default experiment's root);
 - every experiment is tagged for MLflow's model-training view (a store made before the tag existed).
 Prints what it kept and the size of what will be committed.
 """
@@ -48,19 +48,19 @@ def slim_checkpoint(path: Path) -> None:
 
 
 def main(study_dir: Path) -> None:
-    import mlflow
-
     from analysis.diagnosis import checkpoint_runs
     from study import schema
-    from study.tracking import EXPERIMENT_KIND, portable_paths, relocate_artifacts
+    from study.store import Store, portable_paths, relocate_artifacts
+    from study.tracking import EXPERIMENT_KIND
 
     db = study_dir / "mlflow.db"
-    client = mlflow.MlflowClient(f"sqlite:///{db.resolve()}")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id], max_results=50_000)]
+    store = Store(f"sqlite:///{db.resolve()}")
+    experiments = store.experiments(include_default=True)
+    runs = [r for e in experiments for r in store.search_runs([e.experiment_id])]
     keep_ckpt = checkpoint_runs(runs)
-    for exp in client.search_experiments():
+    for exp in experiments:
         if EXPERIMENT_KIND not in exp.tags:
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+            store.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     print(f"relocated {relocate_artifacts(db)} artifact locations to mlflow-artifacts:/")
     print(f"made {portable_paths(db)} absolute paths of this machine relative")
     art_root = study_dir / "mlartifacts"

@@ -2,7 +2,7 @@
 
 - **A locked SQLite store** (another process in a long transaction, a backup, an open ``sqlite3``
   shell): MLflow sets SQLite's busy timeout to 20 s per statement and then raises "database is
-  locked" (logging a traceback). :class:`PatientClient` retries each MLflow call until
+  locked" (logging a traceback). study.store retries each MLflow call (:func:`patiently`) until
   :data:`STORE_WAIT_S` seconds have passed, saying once that it waits and once when the store answers.
 - **A full disk** (a checkpoint, an artifact, or SQLite's "database or disk is full") is not waited out.
 
@@ -107,30 +107,6 @@ def patiently(call: Callable[[], Any], what: str, wait_s: float | None = None, s
         if waiting:
             say(f"store answered after {time.monotonic() - start:.0f} s ({what})")
         return result
-
-
-class PatientClient:
-    """An MlflowClient whose every call waits out a locked store (:func:`patiently`). It is made for an
-    explicit URI; ``impatient`` is the plain client, for writes that may be missed (a heartbeat)."""
-
-    def __init__(self, uri: str | None = None):
-        self.uri = uri
-        self._client = None
-
-    @property
-    def impatient(self):
-        import mlflow
-
-        if self._client is None:  # creating the store reads it too: a lock at start-up is waited out
-            self._client = patiently(lambda: mlflow.MlflowClient(self.uri) if self.uri else mlflow.MlflowClient(),
-                                     "opening the tracking store")  # fmt: skip
-        return self._client
-
-    def __getattr__(self, name: str):
-        method = getattr(self.impatient, name)
-        if not callable(method):
-            return method
-        return lambda *args, **kwargs: patiently(lambda: method(*args, **kwargs), f"MLflow {name}")
 
 
 class _QuietLockTracebacks(logging.Filter):

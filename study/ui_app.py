@@ -10,7 +10,7 @@ the server hands out remembers "model training" for a browser that has not chose
 GenAI / Model training switch still changes it, and a browser that chose keeps its choice.
 
 Served through MLflow's plugin door: the ``mlflow.app`` entry point ``realnvp-ui`` (pyproject.toml),
-run as ``mlflow server --app-name realnvp-ui`` by study.tracking.ui_command.
+run as ``mlflow server --app-name realnvp-ui`` by study.ui.ui_command.
 """
 
 from __future__ import annotations

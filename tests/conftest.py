@@ -7,6 +7,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -130,6 +131,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def study_cmd(*args, faults=()) -> list[str]:
+    """The argv of ``python run_study.py ARGS``, or of tests/faults.py injecting ``faults`` before it runs
+    the same command line (see tests/faults.py for the faults it knows)."""
+    entry = [str(ROOT / "tests" / "faults.py"), *faults, "--"] if faults else [str(ROOT / "run_study.py")]
+    return [sys.executable, *entry, *map(str, args)]
+
+
+def run_study(*args, cwd, faults=(), timeout: float = 300, env: dict | None = None):
+    """The command line run to its end in a subprocess in ``cwd``; its output captured as text (the
+    test suite's one way to run it in another process, with :func:`start_study`)."""
+    import subprocess
+
+    return subprocess.run(study_cmd(*args, faults=faults), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env)  # fmt: skip
+
+
+def start_study(*args, cwd, faults=(), env: dict | None = None, merged: bool = False, own_group: bool = False):
+    """The command line started in a subprocess in ``cwd``, its output streamed as text, unbuffered (a
+    test reads it line by line to act mid-run). ``merged``: stderr into stdout; ``own_group``: its own
+    process group, so a test can kill it with every worker it spawned."""
+    import subprocess
+
+    return subprocess.Popen(study_cmd(*args, faults=faults), cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            start_new_session=own_group)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def install(faults: list[str]) -> None:
 
             ck.torch.save = slow_save
         elif name == "slow-log":
-            from study.tracking import RunLogger
+            from study.store import RunLogger
 
             real_metrics, pause = RunLogger.metrics, float(value)
 

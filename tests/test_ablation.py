@@ -3,8 +3,6 @@
 import collections
 import os
 import signal
-import subprocess
-import sys
 
 import mlflow
 import optuna
@@ -14,10 +12,10 @@ from click.testing import CliRunner
 import run_study
 from experiments.ablation import STABILIZERS
 from experiments.presets import preset_config
-from experiments.studies import get_study
+from experiments.studies import get_study, plan_study
 from study.config import ConfigError, apply_values
 from study.sweep import ablation as ab
-from tests.conftest import ROOT, TINY_RUN, tiny_overrides
+from tests.conftest import TINY_RUN, start_study, tiny_overrides
 
 ONLY = ("seed-report", "no-gradclip", "paper")
 
@@ -33,7 +31,7 @@ def _children(store, experiment):
 
 def _plan(tmp_path, store, **kw):
     base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64})
-    return ab.make_plan(
+    return plan_study(
         "stabilizers",
         "demo",
         base,
@@ -119,43 +117,12 @@ def test_demo_study_runs_every_cell_once_under_one_parent(store, tmp_path):
 
 
 def _cli(tmp_path, store, workers=1, grace=3, seeds=2):
-    cmd = [
-        sys.executable,
-        str(ROOT / "run_study.py"),
-        "ablation",
-        "stabilizers",
-        "--preset",
-        "demo",
-        "--seeds",
-        str(seeds),
-        "--epochs",
-        "2",
-        "--tracking-uri",
-        store,
-        "--storage",
-        f"sqlite:///{tmp_path / 'optuna.db'}",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--device",
-        "cpu",
-        "--experiment",
-        "abl",
-        "--workers",
-        str(workers),
-        "--grace",
-        str(grace),
-        *[x for v in ONLY for x in ("--only", v)],
-        *tiny_overrides(**{"data.train_limit": 64, "train.epochs": 2}),
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
+    return start_study("ablation", "stabilizers", "--preset", "demo", "--seeds", seeds, "--epochs", 2, "--tracking-uri",
+                       store, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--checkpoint-dir", tmp_path / "ckpt",
+                       "--device", "cpu", "--experiment", "abl", "--workers", workers, "--grace", grace,
+                       *[x for v in ONLY for x in ("--only", v)],
+                       *tiny_overrides(**{"data.train_limit": 64, "train.epochs": 2}),
+                       cwd=tmp_path, merged=True, own_group=True)  # fmt: skip
 
 
 def _check_grid(store, tmp_path, seeds=2):
@@ -223,16 +190,16 @@ def test_machines_starting_together_create_one_parent(store, tmp_path, monkeypat
     import threading
     import time
 
-    import study.tracking
+    from study.store import Store
     from study.sweep import driver
 
-    real_create = study.tracking.create_run
+    real_create = Store.create_run
 
     def slow_create(*args, **kwargs):
         time.sleep(1.0)
         return real_create(*args, **kwargs)
 
-    monkeypatch.setattr(study.tracking, "create_run", slow_create)
+    monkeypatch.setattr(Store, "create_run", slow_create)
     sweep = _plan(tmp_path, store).sweep
     found, errors = [], []
     start = threading.Barrier(3)
@@ -291,7 +258,7 @@ def test_bad_ablation_requests_exit_2(tmp_path, monkeypatch):
         assert message in result.stderr
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError):
-        ab.make_plan("stabilizers", "demo", preset_config("demo"), (0, 0))
+        plan_study("stabilizers", "demo", preset_config("demo"), (0, 0))
 
 
 def test_a_cell_this_device_cannot_run_is_recorded_as_skipped(store, tmp_path, monkeypatch):
@@ -301,7 +268,7 @@ def test_a_cell_this_device_cannot_run_is_recorded_as_skipped(store, tmp_path, m
     gpu_only = Variant("gpu-only", "a recipe that needs CUDA", {"stabilizers.amp": "bf16"}, needs_cuda=True)
     monkeypatch.setitem(studies.STUDIES, "tiny", (STABILIZERS[0], gpu_only))
     base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64})
-    plan = ab.make_plan("tiny", "demo", base, (0,), device="cpu", experiment="skip",
+    plan = plan_study("tiny", "demo", base, (0,), device="cpu", experiment="skip",
                         storage=f"sqlite:///{tmp_path / 'optuna.db'}", tracking_uri=store,
                         checkpoint_root=tmp_path / "ckpt")  # fmt: skip
     if plan.skipped:  # a machine with CUDA runs it: nothing to skip

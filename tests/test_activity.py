@@ -14,7 +14,7 @@ from experiments.studies import get_study
 from study.config import Config, apply_values, identity
 from study.flows import FlowOptions, RealNVP
 from study.flows.activity import read_and_reset
-from study.run import train
+from study.run.engine import train
 from tests.test_training import history, spec
 
 OFF = {"input_clamp": 0.0, "s_clamp": 0.0, "scale_bound": 0.0, "bn_mean_gap": 0.0, "bn_logvar_gap": 0.0}

@@ -19,6 +19,7 @@ from analysis.audit import _masked_logdet_extra, audit
 from analysis.collect import NoRunsError, collect_runs
 from study.flows import FlowOptions, RealNVP
 from study.run.step import evaluate
+from study.store import Store
 
 # --- collection from a real store -------------------------------------------------------------------
 
@@ -52,7 +53,7 @@ def _fabricate(store, experiment="fab", n_epochs=3, variants=("seed-report", "no
 
 def test_collect_runs_from_a_real_store(store):
     _fabricate(store)
-    runs, history, parents = collect_runs(store, "fab")
+    runs, history, parents = collect_runs(Store(store), "fab")
     assert len(runs) == 4 and len(history) == 12 and list(parents["run_id"].str.len()) == [32]
     row = runs[(runs.variant == "no-l2") & (runs.seed == 1)].iloc[0]
     assert math.isclose(row["val_bpd"], 5.0 - 0.3 + 0.1 + 0.01) and row["epochs"] == 3
@@ -60,24 +61,9 @@ def test_collect_runs_from_a_real_store(store):
     assert row["outcome"] == "completed" and row["images_per_s"] == 100.0
     assert sorted(history[history.run_id == row.run_id]["epoch"]) == [1, 2, 3]
     with pytest.raises(NoRunsError, match="run `python run_study.py ablation stabilizers`"):
-        collect_runs(store, "missing")
+        collect_runs(Store(store), "missing")
 
 
-def test_sqlite_fast_path_reads_nan_metrics_as_nan_like_the_client(store):
-    """MLflow's SQLite store keeps a NaN as value 0 with is_nan set; a non-finite validation epoch
-    must not become 0 bits/dim in the report."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    from analysis.collect import _histories_from_sqlite, _history_via_client
-
-    client = mlflow.MlflowClient(store)
-    run = client.create_run(client.create_experiment("nan")).info.run_id
-    client.log_batch(run, metrics=[Metric("val_bpd", 5.5, 0, 1), Metric("val_bpd", math.nan, 0, 2)])
-    fast = _histories_from_sqlite(store, [run])[run]
-    slow = _history_via_client(client, run)
-    assert fast[1]["val_bpd"] == slow[1]["val_bpd"] == 5.5
-    assert math.isnan(fast[2]["val_bpd"]) and math.isnan(slow[2]["val_bpd"])
 
 
 # --- the accounting audit ------------------------------------------------------------------------
@@ -150,7 +136,7 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
                                               "outcome": outcome}).info.run_id  # fmt: skip
         client.log_batch(run, metrics=[Metric("val_bpd", val, 0, 1)], params=[Param("train.lr", str(lr))])
     out = tmp_path / "report"
-    readme = generate_report(store, "fab", out, window=40, run_audit=False, command="python run_study.py report")
+    readme = generate_report(Store(store), "fab", out, window=40, run_audit=False, command="python run_study.py report")
     text = readme.read_text()
     for needle in (
         "seed-report",
@@ -180,7 +166,7 @@ def test_report_end_to_end_is_idempotent(store, tmp_path):
     }
     assert "<!-- findings:start -->" in text and "- `no-l2` against `seed-report` (bf16 for its fp16 + GradScaler): **effect**, worse" in text
     before = {p: p.read_bytes() for p in files}
-    generate_report(store, "fab", out, window=40, run_audit=False, command="python run_study.py report")
+    generate_report(Store(store), "fab", out, window=40, run_audit=False, command="python run_study.py report")
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
     parent = mlflow.MlflowClient(store).search_runs(
         [mlflow.MlflowClient(store).get_experiment_by_name("fab").experiment_id],
@@ -202,7 +188,7 @@ def test_a_report_on_an_unfinished_study_says_so_in_its_first_lines(store, tmp_p
                                            "device": "cpu", "git_commit": "abc", "preset": "demo"}).info.run_id  # fmt: skip
     client.set_tag(run, "outcome", "interrupted")
     client.set_terminated(run, "KILLED")
-    text = generate_report(store, "fab", tmp_path / "r", window=40, run_audit=False, command="x").read_text()
+    text = generate_report(Store(store), "fab", tmp_path / "r", window=40, run_audit=False, command="x").read_text()
     head = "\n".join(text.splitlines()[:3])
     assert "**Unfinished study: 4 of 6 planned cells have finished** (1 running)" in head, head
     assert "last 0 of 0" not in text

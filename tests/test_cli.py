@@ -65,8 +65,12 @@ def test_console_script():
 
     script = Path(sys.executable).parent / "run-study"  # pip install . (or -e .) puts it beside the interpreter
     assert script.exists() or shutil.which("run-study"), "pip install . should provide the run-study command"
-    assert subprocess.run([str(script) if script.exists() else "run-study", "--help"], capture_output=True,
-                          text=True).returncode == 0  # fmt: skip
+    out = subprocess.run([str(script) if script.exists() else "run-study", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    # the same command line as run_study.py: its every command, under the script's own name
+    assert out.stdout.startswith("Usage: run-study ")
+    listed = {line.split()[0] for line in out.stdout.split("Commands:", 1)[1].splitlines() if line.strip()}
+    assert listed == set(run_study.cli.commands)
 
 
 def test_every_help_example_parses_and_names_what_exists():
@@ -75,7 +79,7 @@ def test_every_help_example_parses_and_names_what_exists():
     import shlex
 
     from experiments.studies import STUDIES, find_variant
-    from study.cli import EXAMPLES
+    from study_cli.commands import EXAMPLES
 
     assert set(EXAMPLES) == set(run_study.cli.commands), "every command shows examples, and only commands"
     for name, examples in EXAMPLES.items():

@@ -51,7 +51,7 @@ def test_apply_values_accepts_typed_values_and_rejects_wrong_types():
 
 def test_execution_only_settings_leave_identities_alone():
     from study.config import identity
-    from study.run import run_key
+    from study.run.spec import run_key
 
     cfg = Config()
     fast = apply_values(cfg, {"train.compile": "reduce-overhead"})
@@ -67,7 +67,7 @@ def test_recorded_runs_keep_their_identity(tmp_path):
     import mlflow
 
     from study.config import SECTIONS
-    from study.run import run_key
+    from study.run.spec import run_key
 
     db = tmp_path / "mlflow.db"  # a copy: opening a store may migrate its schema in place
     shutil.copy(ROOT / "studies" / "cifar-study" / "mlflow.db", db)

@@ -51,7 +51,7 @@ def test_batch_not_divisible_by_processes_is_a_clear_error(tmp_path):
 
 def test_compile_under_torchrun_is_a_one_line_error(monkeypatch, tmp_path):
     from study.config import ConfigError
-    from study.run import train
+    from study.run.engine import train
     from tests.test_training import spec
 
     monkeypatch.setenv("RANK", "0")

@@ -129,7 +129,7 @@ def _parse(args: list[str]) -> None:
     or value that does not exist."""
     import click
 
-    from study.cli import cli
+    from study_cli.commands import cli
 
     assert args and args[0] in cli.commands, f"no command {args[:1]}"
     try:

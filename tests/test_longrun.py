@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis import longrun
+from study.store import Store
 
 
 def _history(curves: dict[tuple[str, int], list[float]], train_offset: float = -0.1) -> pd.DataFrame:
@@ -152,8 +153,8 @@ def test_a_long_study_reports_table_2_and_which_short_run_verdicts_held(store, t
 
     _long_study(store)
     _long_study(store, epochs=6, experiment="short")  # a committed 6-epoch study to stand beside it
-    readme = generate_report(store, "long", tmp_path / "r", window=40, run_audit=False, command="x",
-                             beside=((store, "short"),))  # fmt: skip
+    readme = generate_report(Store(store), "long", tmp_path / "r", window=40, run_audit=False, command="x",
+                             beside=((Store(store), "short"),))  # fmt: skip
     text = readme.read_text()
     assert "## The seed report's Table 2, in form" in text and "**Reduced scale.**" in text
     assert "epochs 61-100" in text and "| 3.47 | 0.137 |" in text and "| 3.49 |" in text
@@ -167,5 +168,6 @@ def test_a_long_study_reports_table_2_and_which_short_run_verdicts_held(store, t
     assert "effect (better) at epoch 6" in softplus and ": held." in softplus, softplus
     assert "validation bits/dim over epochs 61-100" in findings
     # a short study keeps the short report: no Table 2, its window labelled by its real length
-    short = generate_report(store, "short", tmp_path / "s", window=40, run_audit=False, command="x").read_text()
+    short = generate_report(Store(store), "short", tmp_path / "s", window=40, run_audit=False, command="x").read_text()
     assert "Table 2, in form" not in short and "last 6 of 6 epochs" in short
+

@@ -3,8 +3,6 @@
 import math
 import os
 import signal
-import subprocess
-import sys
 
 import mlflow
 import optuna
@@ -13,15 +11,16 @@ from click.testing import CliRunner
 
 import run_study
 from experiments.presets import preset_config
+from experiments.studies import plan_search
 from study.config import ConfigError, apply_values
 from study.sweep import lrsearch
 from study.sweep.driver import CLAIM_PREFIX
-from tests.conftest import ROOT, TINY_RUN, tiny_overrides
+from tests.conftest import TINY_RUN, start_study, tiny_overrides
 
 
 def _search(tmp_path, store, **kw):
     base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 2, "data.train_limit": 64})
-    return lrsearch.make_search(base, "demo", kw.pop("variant", None), kw.pop("trials", 3), 1e-4, 1e-2,
+    return plan_search(base, "demo", kw.pop("variant", None), kw.pop("trials", 3), 1e-4, 1e-2,
                                 kw.pop("sampler", "tpe"), kw.pop("pruner", "none"), storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                                 tracking_uri=store, checkpoint_root=tmp_path / "ckpt", device="cpu", **kw)  # fmt: skip
 
@@ -62,7 +61,7 @@ def test_pruned_trials_end_killed_not_failed(store, tmp_path):
 
 
 def test_diverged_trial_is_recorded_and_the_search_goes_on(store, tmp_path, monkeypatch):
-    from study.run import Hooks
+    from study.run.spec import Hooks
 
     # every trial's first step is NaN
     monkeypatch.setattr(Hooks, "loss", lambda self, step, loss: loss * float("nan") if step == 0 else loss)
@@ -77,12 +76,11 @@ def test_diverged_trial_is_recorded_and_the_search_goes_on(store, tmp_path, monk
 
 
 def _cli(tmp_path, store, *extra):
-    cmd = [sys.executable, str(ROOT / "run_study.py"), "lr-search", "--preset", "demo", "--trials", "3",
-           "--epochs", "2", "--pruner", "none", "--tracking-uri", store, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
-           "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu", "--grace", "3",
-           *tiny_overrides(**{"data.train_limit": 64, "train.epochs": 2}), *extra]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
+    return start_study("lr-search", "--preset", "demo", "--trials", 3, "--epochs", 2, "--pruner", "none",
+                       "--tracking-uri", store, "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--checkpoint-dir",
+                       tmp_path / "ckpt", "--device", "cpu", "--grace", 3,
+                       *tiny_overrides(**{"data.train_limit": 64, "train.epochs": 2}), *extra,
+                       cwd=tmp_path, merged=True, own_group=True)  # fmt: skip
 
 
 @pytest.mark.slow(31)
@@ -137,4 +135,4 @@ def test_bad_search_requests_exit_2(tmp_path, monkeypatch, args, message):
     assert message in result.stderr and result.stderr.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ConfigError):
-        lrsearch.make_search(preset_config("demo"), "demo", None, 0, 1e-4, 1e-3, "tpe", "median")
+        plan_search(preset_config("demo"), "demo", None, 0, 1e-4, 1e-3, "tpe", "median")

@@ -22,7 +22,7 @@ import mlflow
 import optuna
 import pytest
 
-from tests.conftest import MLFLOW_SERVER, PSYCOPG2, ROOT, needs, tiny_overrides
+from tests.conftest import MLFLOW_SERVER, PSYCOPG2, ROOT, needs, start_study, tiny_overrides
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import local_cluster  # noqa: E402
@@ -50,11 +50,9 @@ def _machine(name: str, tmp_path: Path, cluster: dict, *args: str, grace: int = 
     so a heartbeat delayed on a busy machine is not taken for a lost one."""
     cwd = tmp_path / name
     cwd.mkdir(exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "run_study.py"), *args, "--storage", cluster["storage"], "--tracking-uri",
-           cluster["tracking_uri"], "--checkpoint-dir", str(cwd / "checkpoints"), "--device", "cpu",
-           "--grace", str(grace), "--workers", "1"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)  # fmt: skip
+    return start_study(*args, "--storage", cluster["storage"], "--tracking-uri", cluster["tracking_uri"],
+                       "--checkpoint-dir", cwd / "checkpoints", "--device", "cpu", "--grace", grace, "--workers", 1,
+                       cwd=cwd, merged=True, own_group=True)  # fmt: skip
 
 
 @pytest.mark.slow(55)
@@ -96,11 +94,12 @@ def test_the_ablation_on_two_machines_runs_every_cell_once_and_survives_a_lost_m
     (lost,) = [r for r in finished if r.data.tags["variant"] == variant and r.data.tags["seed"] == seed]
     assert sorted(m.step for m in client.get_metric_history(lost.info.run_id, "val_bpd")) == [1, 2, 3]
     # sample grids and checkpoints through the server's artifact proxy
-    from study.tracking import download_artifact
+    from study.store import Store
 
+    server = Store(cluster["tracking_uri"])
     for r in finished[:2]:
-        assert download_artifact(r.info.run_id, "samples/epoch_003_t0.7.png", cluster["tracking_uri"]).exists()
-        assert download_artifact(r.info.run_id, "checkpoint/last.pt", cluster["tracking_uri"]).exists()
+        assert server.download_artifact(r.info.run_id, "samples/epoch_003_t0.7.png").exists()
+        assert server.download_artifact(r.info.run_id, "checkpoint/last.pt").exists()
     report = subprocess.run([sys.executable, str(ROOT / "run_study.py"), "report", "--tracking-uri",
                              cluster["tracking_uri"], "--experiment", "multi", "--out", str(tmp_path / "report")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip

@@ -13,9 +13,10 @@ import mlflow
 from PIL import Image
 
 from experiments.presets import preset_config
+from experiments.studies import plan_study
 from study.config import apply_values
+from study.store import Store
 from study.sweep import ablation as ab
-from study.tracking import download_artifact
 from tests.conftest import ROOT, TINY_RUN
 
 
@@ -45,7 +46,7 @@ def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
     store = f"sqlite:///{study / 'mlflow.db'}"
     base = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64,
                                                 "train.sample_every": 1})  # fmt: skip
-    plan = ab.make_plan("stabilizers", "demo", base, (0,), ("seed-report", "paper", "no-l2"), "cpu",
+    plan = plan_study("stabilizers", "demo", base, (0,), ("seed-report", "paper", "no-l2"), "cpu",
                         experiment="tiny", storage=f"sqlite:///{study / 'optuna.db'}", tracking_uri=store,
                         checkpoint_root=study / "checkpoints")  # fmt: skip
     ab.run(plan, workers=1, echo=lambda s: None)
@@ -70,11 +71,11 @@ def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                               filter_string="tags.variant != ''")  # fmt: skip
     by_variant = {r.data.tags["variant"]: r.info.run_id for r in runs if "variant" in r.data.tags}
-    grid = download_artifact(by_variant["no-l2"], "samples/epoch_001_t0.7.png", uri)
+    grid = Store(uri).download_artifact(by_variant["no-l2"], "samples/epoch_001_t0.7.png")
     with Image.open(grid) as im:
         assert im.size == (4 * 34 + 2, 4 * 34 + 2)  # cropped to 16 samples
     assert not (grid.parent / "epoch_001_t1.0.png").exists()
     from study.run.state import checkpoint_of_run, model_from_checkpoint
 
-    state = checkpoint_of_run(by_variant["paper"], uri)
+    state = checkpoint_of_run(Store(uri), by_variant["paper"])
     assert "optimizer" not in state and model_from_checkpoint(state)[1].stabilizers.bn_bijector

@@ -18,13 +18,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.conftest import MLFLOW_SERVER, ROOT, free_port, http_get, needs, tiny_overrides
+from tests.conftest import MLFLOW_SERVER, ROOT, free_port, http_get, needs, run_study, study_cmd, tiny_overrides
 from tests.test_training import history, spec
 
 
 def _run(tmp_path, *args, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / "run_study.py"), *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return run_study(*args, cwd=tmp_path, timeout=timeout)
 
 
 def _snapshot(folder: Path) -> set[str]:
@@ -109,7 +108,7 @@ def test_a_truncated_checkpoint_warns_in_one_line(store, tmp_path):
     checkpoint.save(tmp_path / "c", {"epoch": 1})
     checkpoint.save(tmp_path / "c", {"epoch": 2})
     (tmp_path / "c" / checkpoint.LAST).write_bytes(b"\x80\x02truncated")
-    code = ("import warnings, sys; from study.cli import _one_line_warning; warnings.formatwarning = _one_line_warning;"
+    code = ("import warnings, sys; from study_cli.commands import _one_line_warning; warnings.formatwarning = _one_line_warning;"
             f"from study.run import checkpoint; from pathlib import Path; print(checkpoint.load(Path({str(tmp_path / 'c')!r}))[0]['epoch'])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "1" and out.stderr.strip().startswith("warning: checkpoint")
@@ -120,9 +119,8 @@ def test_a_truncated_checkpoint_warns_in_one_line(store, tmp_path):
 
 
 def _train_cmd(store, tmp_path, epochs=4, faults=()):
-    entry = [str(ROOT / "tests" / "faults.py"), *faults, "--"] if faults else [str(ROOT / "run_study.py")]
-    return [sys.executable, *entry, "train", "--preset", "demo", "--tracking-uri", store, "--experiment", "own",
-            "--checkpoint-dir", str(tmp_path / "ckpt"), "--device", "cpu", *tiny_overrides(**{"train.epochs": epochs})]  # fmt: skip
+    return study_cmd("train", "--preset", "demo", "--tracking-uri", store, "--experiment", "own", "--checkpoint-dir",
+                     tmp_path / "ckpt", "--device", "cpu", *tiny_overrides(**{"train.epochs": epochs}), faults=faults)  # fmt: skip
 
 
 def _start(cmd, tmp_path):
@@ -308,7 +306,7 @@ def test_sigkill_at_random_moments_never_costs_an_epoch(store, tmp_path):
     finishes the run, is a plain subprocess."""
     import multiprocessing
 
-    from study.run import train
+    from study.run.engine import train
     from tests import faults
 
     epochs, rng = 30, random.Random(2026)
@@ -316,7 +314,7 @@ def test_sigkill_at_random_moments_never_costs_an_epoch(store, tmp_path):
     cmd = _train_cmd(store, tmp_path, epochs=epochs, faults=slow)
     args = cmd[cmd.index("--") + 1 :]
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "mlflow", "sqlalchemy", "run_study", "study.cli", "study.run", "tests.faults"])
+    ctx.set_forkserver_preload(["torch", "mlflow", "sqlalchemy", "run_study", "study_cli.commands", "study.run.engine", "tests.faults"])
     client = mlflow.MlflowClient(store)
     for i in range(20):
         out = tmp_path / f"kill-{i}.log"

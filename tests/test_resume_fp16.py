@@ -8,7 +8,8 @@ import dataclasses
 import mlflow
 import torch
 
-from study.run import Hooks, train
+from study.run.engine import train
+from study.run.spec import Hooks
 from tests.test_training import history, spec, tiny_cfg
 
 FP16 = {"stabilizers.amp": "fp16"}

@@ -6,18 +6,18 @@ from __future__ import annotations
 import optuna
 
 from experiments.presets import preset_config
-from study.sweep import ablation as ab
-from study.sweep import driver, lrsearch
+from experiments.studies import plan_search, plan_study
+from study.sweep import driver
 
 
 def _plan(tmp_path, only=("seed-report", "paper"), seeds=(0, 1)):
-    return ab.make_plan("stabilizers", "demo", preset_config("demo"), seeds, only, "cpu", experiment="names",
+    return plan_study("stabilizers", "demo", preset_config("demo"), seeds, only, "cpu", experiment="names",
                         storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                         tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")  # fmt: skip
 
 
 def _search(tmp_path, low=1e-4):
-    return lrsearch.make_search(preset_config("demo"), "demo", "seed-report", 4, low, 1e-2, "tpe", "none",
+    return plan_search(preset_config("demo"), "demo", "seed-report", 4, low, 1e-2, "tpe", "none",
                                 storage=f"sqlite:///{tmp_path / 'optuna.db'}", tracking_uri=None)  # fmt: skip
 
 

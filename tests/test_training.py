@@ -2,10 +2,7 @@
 
 import dataclasses
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -13,9 +10,11 @@ import pytest
 import torch
 
 from study.config import Config, ConfigError, apply_values, flatten
-from study.run import Hooks, RunSpec, checkpoint, resolve_device, train
+from study.run import checkpoint
+from study.run.engine import train
+from study.run.spec import Hooks, RunSpec, resolve_device
 from study.run.step import lr_at
-from tests.conftest import ROOT, TINY_RUN, flip_middle, tiny_overrides
+from tests.conftest import TINY_RUN, flip_middle, run_study, start_study, tiny_overrides
 
 PER_EPOCH = [
     "train_bpd",
@@ -163,27 +162,9 @@ def test_same_identity_is_not_run_twice(store, tmp_path):
 
 def _cli(store, tmp_path, *extra, faults=()):
     """The train command in a subprocess; ``faults`` (tests/faults.py) are injected through its Hooks."""
-    entry = [str(ROOT / "tests" / "faults.py"), *faults, "--"] if faults else [str(ROOT / "run_study.py")]
-    cmd = [
-        sys.executable,
-        *entry,
-        "train",
-        "--preset",
-        "demo",
-        "--tracking-uri",
-        store,
-        "--experiment",
-        "kill",
-        "--checkpoint-dir",
-        str(tmp_path / "ckpt"),
-        "--device",
-        "cpu",
-        *tiny_overrides(**{"train.epochs": 4}),
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
-    )
+    return start_study("train", "--preset", "demo", "--tracking-uri", store, "--experiment", "kill", "--checkpoint-dir",
+                       tmp_path / "ckpt", "--device", "cpu", *tiny_overrides(**{"train.epochs": 4}), *extra,
+                       cwd=tmp_path, faults=faults)  # fmt: skip
 
 
 def _kill_after(store, tmp_path, prefix: str, sig=signal.SIGKILL):
@@ -374,20 +355,18 @@ def test_sample_command_writes_a_grid(store, tmp_path):
 @pytest.mark.slow(24)
 def test_resume_by_run_id_and_unknown_id(store, tmp_path):
     client, run = _kill_after(store, tmp_path, "epoch 1/4")
-    cmd = [sys.executable, str(ROOT / "run_study.py"), "train", "--tracking-uri", store, "--device", "cpu",
-           "--resume", run.info.run_id]  # fmt: skip
+    args = ["train", "--tracking-uri", store, "--device", "cpu", "--resume", run.info.run_id]
     # an override that would change the run is refused before anything is written
-    changed = subprocess.run([*cmd, "--set", "stabilizers.scale_fn=exp"], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=120)  # fmt: skip
+    changed = run_study(*args, "--set", "stabilizers.scale_fn=exp", cwd=tmp_path, timeout=120)
     assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1, changed.stderr
     assert "stabilizers.scale_fn is " in changed.stderr and "not 'exp'" in changed.stderr
     assert "start a new run without --resume" in changed.stderr
     assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1]
-    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = run_study(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert f"resuming run {run.info.run_id} after epoch 1" in out.stdout
     assert [s for s, _ in history(client, run.info.run_id, "val_bpd")] == [1, 2, 3, 4]
-    bad = subprocess.run([*cmd[:-1], "0" * 32], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    bad = run_study(*args[:-1], "0" * 32, cwd=tmp_path, timeout=120)
     assert bad.returncode == 2 and "no such run" in bad.stderr
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from study.run import train
+from experiments.studies import plan_study
+from study.run.engine import train
 from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, ROOT, free_port, http_get, needs, serving
 from tests.test_training import spec
 
@@ -80,7 +81,7 @@ def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sampl
     import mlflow
 
     from study import schema
-    from study.tracking import local_artifact_dir
+    from study.store import Store
 
     study = tmp_path / "elsewhere" / committed.name
     shutil.copytree(committed, study)
@@ -92,7 +93,7 @@ def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sampl
     for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'"):
         if "mlflow.parentRunId" not in r.data.tags:  # the study's parent run holds no grid
             continue
-        folder = local_artifact_dir(r.info.artifact_uri, store)
+        folder = Store(store).local_artifact_dir(r.info.artifact_uri)
         grids[r.info.run_id] = (r.info.run_name, sorted((folder / schema.SAMPLES_DIR).glob("*.png")) if folder else [])
     assert all(files for _, files in grids.values()), "a finished run of the committed study has no sample grid"
     run_id, (run_name, files) = next(iter(grids.items()))
@@ -135,7 +136,7 @@ def test_runs_and_the_compare_page_open_in_the_model_training_view(tmp_path):
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base_cfg = apply_values(preset_config("demo"), {**TINY_RUN, "train.epochs": 1, "data.train_limit": 64})
-    plan = ab.make_plan("stabilizers", "demo", base_cfg, (0,), ("seed-report", "paper"), "cpu",
+    plan = plan_study("stabilizers", "demo", base_cfg, (0,), ("seed-report", "paper"), "cpu",
                         experiment="view-check", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                         tracking_uri=store, checkpoint_root=tmp_path / "ckpt")  # fmt: skip
     ab.run(plan, workers=1, echo=lambda s: None)

@@ -20,8 +20,9 @@ from study.run import checkpoint, ownership
 from study.run.loop import Run, train_to_the_end
 from study.run.spec import RunResult, RunSpec, finished_result, resolve_device, run_key
 from study.run.state import new_state, restore, to_checkpoint
-from study.storage import PatientClient, StorageFault, patiently
-from study.tracking import NullLogger, RunLogger, check_tracking_uri, create_run, find_run, resolve_tracking_uri, setup
+from study.storage import StorageFault
+from study.store import NullLogger, Store
+from study.tracking import check_tracking_uri
 
 
 def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str | None = None) -> RunResult:
@@ -58,13 +59,13 @@ def train(spec: RunSpec, splits: ImageSplits | None = None, resume_run_id: str |
     return result
 
 
-def _named_run(spec: RunSpec, client, resume_run_id: str, uri: str, device: torch.device):
+def _named_run(spec: RunSpec, store: Store, resume_run_id: str):
     """``--resume RUN_ID``: the run, and the spec to train it by: this one with its config, variant and
     preset taken from the run and its checkpoint (a RunSpec is never changed in place)."""
     try:
-        existing = client.get_run(resume_run_id)
+        existing = store.get_run(resume_run_id)
     except Exception:
-        raise ConfigError(f"--resume {resume_run_id}: no such run in {uri}") from None
+        raise ConfigError(f"--resume {resume_run_id}: no such run in {store.uri}") from None
     found = checkpoint.load(Path(existing.data.tags.get(schema.CHECKPOINT_DIR, "")))
     if found is None:
         raise ConfigError(f"--resume {resume_run_id}: its checkpoint directory has no readable checkpoint")
@@ -88,35 +89,30 @@ def _refuse_changes(run_id: str, saved, requested: dict) -> None:
                           "a resumed run keeps its configuration: drop the change, or start a new run without --resume")
 
 
-def _new_run(spec: RunSpec, exp_id: str, key: str, device: torch.device) -> tuple[str, Path]:
+def _new_run(spec: RunSpec, store: Store, exp_id: str, key: str, device: torch.device) -> tuple[str, Path]:
     """Create the MLflow run with its params and tags; its checkpoints go to ROOT/EXPERIMENT/RUN_ID."""
     tags = {schema.RUN_KEY: key, schema.PRESET: spec.preset, schema.VARIANT: spec.variant,
             schema.SEED: spec.cfg.train.seed, schema.DEVICE: device, schema.TORCH_VERSION: torch.__version__,
             schema.THREADS: torch.get_num_threads(), **spec.tags}  # fmt: skip
     name = spec.run_name or f"{spec.variant}-s{spec.cfg.train.seed}"
-    run_id = create_run(exp_id, name, tags, flatten(spec.cfg), spec.parent_run_id, spec.description, spec.source)
+    run_id = store.create_run(exp_id, name, tags, flatten(spec.cfg), spec.parent_run_id, spec.description, spec.source)
     ckpt_dir = (spec.checkpoint_root / spec.experiment / run_id).resolve()
-    RunLogger(run_id).tags({schema.CHECKPOINT_DIR: ckpt_dir})
+    store.set_tags(run_id, {schema.CHECKPOINT_DIR: ckpt_dir})
     return run_id, ckpt_dir
 
 
-def _open_store(spec: RunSpec, resume_run_id: str | None, splits: ImageSplits | None, device):
+def _open_store(spec: RunSpec, store: Store, resume_run_id: str | None, splits: ImageSplits | None):
     """(experiment id, the named run or None, splits, the spec to train by): with --resume the run must
     exist before anything is written, and its own config, variant and data are used."""
-    import mlflow
-
     if resume_run_id is None:
-        return setup(spec.tracking_uri, spec.experiment)[1], None, splits, spec
-    uri = resolve_tracking_uri(spec.tracking_uri)
-    mlflow.set_tracking_uri(uri)
-    existing, spec = _named_run(spec, PatientClient(), resume_run_id, uri, device)
+        return store.open_experiment(spec.experiment), None, splits, spec
+    existing, spec = _named_run(spec, store, resume_run_id)
     splits = splits or load_splits(spec.cfg.data)
     check_fits(spec.cfg, splits.shape)
-    patiently(lambda: mlflow.set_experiment(experiment_id=existing.info.experiment_id), "MLflow set_experiment")
     return existing.info.experiment_id, existing, splits, spec
 
 
-def _checkpoint_dir(spec: RunSpec, existing) -> Path:
+def _checkpoint_dir(spec: RunSpec, store: Store, existing) -> Path:
     """A run's checkpoint folder; a run killed right after its creation has no tag for it yet. A folder
     that is not on this machine (the run was started on another one, whose disk this one cannot see)
     is replaced by one under this machine's checkpoint root: the run then starts again from scratch,
@@ -129,11 +125,11 @@ def _checkpoint_dir(spec: RunSpec, existing) -> Path:
     if recorded:
         spec.echo(f"warning: run {existing.info.run_id}'s checkpoints ({recorded}) are not on this machine; "
                   f"training it again from scratch with checkpoints in {ckpt_dir}")  # fmt: skip
-    RunLogger(existing.info.run_id).tags({schema.CHECKPOINT_DIR: ckpt_dir})
+    store.set_tags(existing.info.run_id, {schema.CHECKPOINT_DIR: ckpt_dir})
     return ckpt_dir
 
 
-def _record_resume_source(spec: RunSpec, run_id: str, found, rejected: list[str]) -> None:
+def _record_resume_source(spec: RunSpec, store: Store, run_id: str, found, rejected: list[str]) -> None:
     """Tag which checkpoint a resume continues from, and why any newer one was passed over: a corrupt
     checkpoint is never loaded, so it can never turn into a divergence."""
     if found is None and not rejected:
@@ -142,7 +138,7 @@ def _record_resume_source(spec: RunSpec, run_id: str, found, rejected: list[str]
     source = f"{found[1].name}{why}" if found is not None else f"none{why}: started again from scratch"
     if rejected:
         spec.echo(f"warning: run {run_id}: {source}")
-    RunLogger(run_id).tags({schema.RESUMED_FROM: source})
+    store.set_tags(run_id, {schema.RESUMED_FROM: source})
 
 
 def _claimable(spec: RunSpec, existing):
@@ -159,8 +155,8 @@ def _claimable(spec: RunSpec, existing):
 
 def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, d, device) -> RunResult:
     """Rank 0 (or the only process): find or create the MLflow run, claim it, then train it."""
-    exp_id, existing, splits, spec = _open_store(spec, resume_run_id, splits, device)
-    client = PatientClient()
+    store = Store(spec.tracking_uri)  # this run's one store: everything below writes through it
+    exp_id, existing, splits, spec = _open_store(spec, store, resume_run_id, splits)
     cfg, key = spec.cfg, run_key(spec.variant, spec.cfg)
     if cfg.train.threads:  # before the run records its thread count
         torch.set_num_threads(cfg.train.threads)
@@ -172,17 +168,17 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
             with ownership.file_lock(spec.checkpoint_root / spec.experiment / ".locks" / f"{key}.lock",
                                      f"run identity {key}"):  # fmt: skip
                 if existing is None and not spec.fresh:
-                    existing = find_run(exp_id, key)
+                    existing = store.find_run(exp_id, key)
                 done = existing is not None and existing.info.status in ("FINISHED", "FAILED")
                 if done and schema.OUTCOME in existing.data.tags:
                     outcome = existing.data.tags[schema.OUTCOME]
                     spec.echo(f"run {existing.info.run_id} with this identity already finished ({outcome})")
                     distributed.broadcast({"done": True}, d)
-                    return finished_result(existing)
+                    return finished_result(store, existing)
                 found = None
                 if existing is not None:
                     _claimable(spec, existing)
-                    ckpt_dir = _checkpoint_dir(spec, existing)
+                    ckpt_dir = _checkpoint_dir(spec, store, existing)
                     # the folder's lock before any write: a process refused here leaves the run untouched
                     held.enter_context(ownership.file_lock(ckpt_dir / ".owner.lock", f"run {existing.info.run_id}"))
                     run_id = existing.info.run_id
@@ -191,24 +187,24 @@ def _lead(spec: RunSpec, splits: ImageSplits | None, resume_run_id: str | None, 
                     if found is not None and found[0].get("mlflow_run_id") != run_id:
                         spec.echo(f"warning: checkpoint in {ckpt_dir} belongs to another run; starting from scratch")
                         found = None
-                    _record_resume_source(spec, run_id, found, rejected)
-                    client.update_run(run_id, status="RUNNING")
+                    _record_resume_source(spec, store, run_id, found, rejected)
+                    store.set_status(run_id, "RUNNING")
                 else:
-                    run_id, ckpt_dir = _new_run(spec, exp_id, key, device)
+                    run_id, ckpt_dir = _new_run(spec, store, exp_id, key, device)
                     held.enter_context(ownership.file_lock(ckpt_dir / ".owner.lock", f"run {run_id}"))
-                beat = ownership.Heartbeat(client, run_id).start()
+                beat = ownership.Heartbeat(store, run_id).start()
             st = new_state(cfg, splits.shape, device)
             if found is None:  # epoch 0: the state a restore falls back to before any epoch finished
                 checkpoint.save(ckpt_dir, to_checkpoint(st, cfg, splits.shape, run_id))
             distributed.broadcast({"done": False, "run_id": run_id, "ckpt_dir": str(ckpt_dir)}, d)
-            run = _run(spec, splits, d, device, run_id, ckpt_dir, RunLogger(run_id), st, beat.check)
+            run = _run(spec, splits, d, device, run_id, ckpt_dir, store.logger(run_id), st, beat.check)
             if found is not None:
                 _resume(run, st, found)
             started = True  # from here train_to_the_end records how the run ends
             return train_to_the_end(run, st)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP while setting up: never leave the run RUNNING
         if run_id is not None and not started:
-            log = RunLogger(run_id)
+            log = store.logger(run_id)
             log.tags({schema.OUTCOME: "interrupted", schema.INTERRUPTED_BY: signals.name(e)})
             log.terminate("KILLED")
         raise

@@ -99,7 +99,7 @@ def evaluate_model(model, cfg, splits, split: str = "test", mode: str = "eval", 
     return float(values.mean()), se, n, used
 
 
-def evaluate_run(run_id: str, uri: str | None, data: str | None = None, split: str = "test", mode: str = "eval",
+def evaluate_run(store, run_id: str, data: str | None = None, split: str = "test", mode: str = "eval",
                  recalibrate: int = 0, batch: int | None = None, log: bool = True) -> Evaluation:  # fmt: skip
     """Evaluate a run's last checkpoint; with ``log`` record the result on that run (at its last epoch)
     under :attr:`Evaluation.metric` and ``.se``. Raises ValueError with a one-line reason."""
@@ -108,7 +108,7 @@ def evaluate_run(run_id: str, uri: str | None, data: str | None = None, split: s
     from study.data import load_splits, parse_data_spec
     from study.run.state import checkpoint_of_run, model_from_checkpoint
 
-    state = checkpoint_of_run(run_id, uri)
+    state = checkpoint_of_run(store, run_id)
     model, cfg = model_from_checkpoint(state)
     data_cfg = cfg.data
     if data:
@@ -118,10 +118,5 @@ def evaluate_run(run_id: str, uri: str | None, data: str | None = None, split: s
     bpd, se, n, used = evaluate_model(model, cfg, splits, split, mode, recalibrate, batch)
     result = Evaluation(run_id, split, mode, data or "own", used, bpd, se, n)
     if log:
-        import mlflow
-        from mlflow.entities import Metric
-
-        step = int(state["epoch"])
-        mlflow.MlflowClient().log_batch(run_id, metrics=[Metric(result.metric, bpd, 0, step),
-                                                         Metric(result.metric + ".se", se, 0, step)])  # fmt: skip
+        store.log_metrics(run_id, {result.metric: bpd, result.metric + ".se": se}, int(state["epoch"]), timestamp_ms=0)
     return result

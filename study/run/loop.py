@@ -33,7 +33,7 @@ from study.run.spec import RunPruned, RunResult, RunSpec
 from study.run.state import RunState, to_checkpoint
 from study.run.step import evaluate, lr_at, train_step
 from study.storage import StorageFault, best_effort
-from study.tracking import RunLogger
+from study.store import RunLogger
 
 
 @dataclass

@@ -92,14 +92,12 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"--device {name!r}: use auto, cpu, cuda or cuda:N")
 
 
-def finished_result(run) -> RunResult:
-    """The result of an MLflow run that already finished (nothing is trained again)."""
-    import mlflow
-
+def finished_result(store, run) -> RunResult:
+    """The result of an MLflow run (of ``store``) that already finished (nothing is trained again)."""
     from study import schema
 
     m, tags = run.data.metrics, run.data.tags
-    steps = [p.step for p in mlflow.MlflowClient().get_metric_history(run.info.run_id, schema.VAL_BPD)]
+    steps = [step for step, _ in store.metric_history(run.info.run_id, schema.VAL_BPD)]
     epochs = max(steps, default=0)
     return RunResult(run.info.run_id, tags[schema.OUTCOME], epochs, m.get(schema.VAL_BPD, math.nan),
                      m.get(schema.TEST_BPD), [], already_done=True)  # fmt: skip

@@ -97,38 +97,32 @@ def model_from_checkpoint(state: dict, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg
 
 
-def checkpoint_of_run(run_id: str, uri: str | None) -> dict:
-    """The last checkpoint of a run: from its local checkpoint folder, else its logged artifact."""
-    import mlflow
-
+def checkpoint_of_run(store, run_id: str) -> dict:
+    """The last checkpoint of a run of ``store`` (study.store.Store): from its local checkpoint folder,
+    else its logged artifact."""
     from study import schema
     from study.run import checkpoint
-    from study.tracking import download_artifact, resolve_tracking_uri
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(uri))
-    client = mlflow.MlflowClient()
     try:
-        run = client.get_run(run_id)
+        run = store.get_run(run_id)
     except Exception:
-        raise ValueError(
-            f"no run {run_id!r} in {resolve_tracking_uri(uri)}: see `run_study.py ui` for run ids"
-        ) from None
+        raise ValueError(f"no run {run_id!r} in {store.uri}: see `run_study.py ui` for run ids") from None
     found = checkpoint.load(Path(run.data.tags.get(schema.CHECKPOINT_DIR, "/nonexistent")))
     if found is not None:
         return found[0]
     try:
-        local = download_artifact(run_id, f"{schema.CHECKPOINT_ARTIFACT_DIR}/{checkpoint.LAST}", uri)
+        local = store.download_artifact(run_id, f"{schema.CHECKPOINT_ARTIFACT_DIR}/{checkpoint.LAST}")
     except FileNotFoundError:
         raise ValueError(f"run {run_id} has no checkpoint (neither its folder nor an artifact)") from None
     return torch.load(local, map_location="cpu", weights_only=True)
 
 
-def sample_from_run(run_id: str, uri: str | None, temperature: float, n: int, out: str | None) -> Path:
+def sample_from_run(store, run_id: str, temperature: float, n: int, out: str | None) -> Path:
     """A grid of ``n`` samples at ``temperature`` from a run's last checkpoint, written to ``out``."""
     from study.sampling import sample_grid, save_grid
 
     if temperature <= 0 or n < 1:
         raise ValueError("--temperature must be > 0 and -n at least 1")
-    model, _ = model_from_checkpoint(checkpoint_of_run(run_id, uri))
+    model, _ = model_from_checkpoint(checkpoint_of_run(store, run_id))
     path = Path(out or f"samples-{run_id[:8]}-t{temperature:g}.png")
     return save_grid(sample_grid(model, n, temperature), path)

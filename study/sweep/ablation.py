@@ -15,12 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.ablation import Variant
-from experiments.studies import STUDY_DESCRIPTIONS, families, get_study
 from study import schema
 from study.config import Config, ConfigError, apply_values, flatten, identity
+from study.store import RunLogger
 from study.sweep import driver
-from study.tracking import RunLogger
+from study.sweep.cells import Cell, Variant
 
 HEARTBEAT_S = 10  # a worker's trial is stale after GRACE_S without a heartbeat
 GRACE_S = 30
@@ -42,6 +41,7 @@ class Plan:
     heartbeat: int = HEARTBEAT_S
     grace: int = GRACE_S
     tags: dict[str, str] = field(default_factory=dict)
+    description: str = ""  # what the study asks, on its parent run's page
 
     @property
     def key(self) -> str:
@@ -87,18 +87,16 @@ def make_plan(
     study: str,
     preset: str,
     base: Config,
+    variants: tuple[Variant, ...],
     seeds: tuple[int, ...],
     only: tuple[str, ...] = (),
     device: str = "auto",
     **kwargs,
 ) -> Plan:
-    """Check the request (unknown variant, empty grid) and resolve which variants this device runs."""
+    """Check the request (unknown variant, empty grid) and resolve which of the study's ``variants`` this
+    device runs. experiments.studies.plan_study looks a declared study up and calls this."""
     import torch
 
-    try:
-        variants = get_study(study)
-    except KeyError as e:
-        raise ConfigError(str(e.args[0])) from None
     names = [v.name for v in variants]
     for name in only:
         if name not in names:
@@ -118,41 +116,6 @@ def make_plan(
     experiment = kwargs.pop("experiment", None) or f"{study}-{preset}"
     storage = kwargs.pop("storage", None) or driver.default_storage()
     return Plan(study, preset, base, runnable, tuple(seeds), skipped, experiment, storage, device=device, **kwargs)
-
-
-def describe(plan: Plan) -> str:
-    """The plan as text: per family its question and baseline, then each member with the switches it
-    changes against that baseline; seeds and cell count."""
-    lines = [
-        f"study {plan.study} at preset {plan.preset}: {len(plan.variants)} variants x {len(plan.seeds)} seeds "
-        f"= {len(plan.cells)} cells, {plan.base.train.epochs} epochs each",
-        f"seeds: {', '.join(map(str, plan.seeds))} (shared by every variant)",
-        f"MLflow experiment {plan.experiment}; Optuna study {plan.optuna_name} in {plan.storage}",
-    ]
-    by_name = {v.name: v for v in (*plan.variants, *(v for v, _ in plan.skipped))}
-    skipped = dict((v.name, why) for v, why in plan.skipped)
-    for fam in families(plan.study):
-        members = [m for m in fam.members if m in by_name]
-        if not members:
-            continue
-        if fam.baseline == "design":  # a factorial: every cell's levels, no baseline
-            lines += ["", f"[{fam.name}] {fam.question}"] + [f"  {m:<26} {by_name[m].rationale}" for m in members]
-            continue
-        against = "the member before it" if fam.baseline == "previous" else f"`{fam.baseline}`"
-        lines += ["", f"[{fam.name}] {fam.question} (each against {against})"]
-        for name in members:
-            ref = fam.comparator(name)
-            v = by_name[name]
-            if ref is None:
-                shown = "(baseline)"
-            else:
-                base = {**flatten(plan.base), **by_name[ref].overrides} if ref in by_name else flatten(plan.base)
-                changed = {k: val for k, val in flatten(plan.cell_config(v, 0)).items()
-                           if k.startswith("stabilizers.") and base.get(k) != val}  # fmt: skip
-                shown = ", ".join(f"{k.split('.', 1)[1]}={val}" for k, val in changed.items()) or "(no switch differs)"
-            lines.append(f"  {name:<22} {v.rationale}")
-            lines.append(f"  {'':<22} {shown}" + (f"  [skipped here: {skipped[name]}]" if name in skipped else ""))
-    return "\n".join(lines)
 
 
 # --- the grid's cells ---------------------------------------------------------------------------------
@@ -252,21 +215,15 @@ def work(
     each (the coordinator's own worker: its progress line and the parent's summary). Returns cells
     trained."""
     import optuna
-    import torch
 
     from study.data import load_splits
-    from study.run import RunSpec, train
-    from study.run.ownership import OwnedError
+    from study.run.spec import RunSpec
 
-    if threads:
-        torch.set_num_threads(threads)
     study = _load_study(plan)
-    splits = load_splits(plan.base.data)  # every variant shares the data
     by_name = {v.name: v for v in plan.variants}
     device = _device_for(plan, worker)
-    done = 0
 
-    def objective(trial: optuna.Trial) -> float:
+    def make_cell(trial: optuna.Trial) -> Cell:
         variant = by_name[trial.suggest_categorical("variant", [v.name for v in plan.variants])]
         seed = trial.suggest_categorical("seed", list(plan.seeds))
         trial.set_user_attr("variant", variant.name)
@@ -274,58 +231,43 @@ def work(
         if _held_elsewhere(study, trial, variant.name, seed):
             # a race handed this cell to two workers: the other one has it; this trial is dropped
             raise optuna.TrialPruned(f"cell {variant.name} seed {seed} is running in another trial")
-        cfg = plan.cell_config(variant, seed)
-        if threads:
-            cfg = apply_values(cfg, {"train.threads": threads})
-        echo(f"[worker {worker}] cell {variant.name} seed {seed}: training")
-        spec = RunSpec(cfg=cfg, preset=plan.preset, variant=variant.name, experiment=plan.experiment,
-                       tracking_uri=plan.tracking_uri, device=device, checkpoint_root=plan.checkpoint_root,
-                       parent_run_id=parent_run_id, tags={schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key},
-                       echo=lambda s: echo(f"[worker {worker}] {variant.name} s{seed}: {s}"),
-                       progress=False, description=variant.rationale, source="run_study.py ablation")  # fmt: skip
-        try:
-            result = train(spec, splits=splits)
-        except OwnedError as e:  # a live process still trains this cell (its trial's heartbeat looked stale)
-            echo(f"[worker {worker}] cell {variant.name} seed {seed}: {e}; left to its owner, this trial fails")
-            raise
-        return driver.record_trial(trial, result)
+        spec = RunSpec(cfg=plan.cell_config(variant, seed), preset=plan.preset, variant=variant.name,
+                       experiment=plan.experiment, tracking_uri=plan.tracking_uri, device=device,
+                       checkpoint_root=plan.checkpoint_root, parent_run_id=parent_run_id,
+                       tags={schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key},
+                       description=variant.rationale, source="run_study.py ablation")  # fmt: skip
+        return Cell(f"cell {variant.name} seed {seed}", "training", f"{variant.name} s{seed}", spec)
 
-    def stop_when_grid_is_taken(study, trial) -> None:
-        nonlocal done
-        done += 1
+    def after_each(study) -> bool:
         if progress is not None:
             progress()
-        if _grid_taken(plan, study):
-            study.stop()
+        return _grid_taken(plan, study)
 
     if _grid_taken(plan, study):
         return 0
-    study.optimize(objective, callbacks=[stop_when_grid_is_taken], catch=(OwnedError,))
-    return done
+    splits = load_splits(plan.base.data)  # every variant shares the data
+    return driver.work(study, make_cell, splits, worker, echo, threads, after_each)
 
 
-def record_skipped(plan: Plan, parent_run_id: str) -> int:
+def record_skipped(plan: Plan, tracking, parent_run_id: str) -> int:
     """Every cell this device cannot run becomes an MLflow run with outcome ``skipped`` and the reason,
     once (found again by its run identity), so a report counts it instead of never seeing it."""
-    import mlflow
+    from study.run.spec import run_key
 
-    from study.run import run_key
-    from study.tracking import create_run, find_run
-
-    exp_id = mlflow.MlflowClient().get_experiment_by_name(plan.experiment).experiment_id
+    exp_id = tracking.experiment(plan.experiment).experiment_id
     made = 0
     for variant, why in plan.skipped:
         for seed in plan.seeds:
             cfg = plan.cell_config(variant, seed)
             key = run_key(variant.name, cfg)
-            if find_run(exp_id, key) is not None:
+            if tracking.find_run(exp_id, key) is not None:
                 continue
             tags = {schema.RUN_KEY: key, schema.PRESET: plan.preset, schema.VARIANT: variant.name, schema.SEED: seed,
                     schema.STUDY: plan.study, schema.ABLATION_KEY: plan.key, schema.OUTCOME: "skipped",
                     schema.SKIP_REASON: why}  # fmt: skip
-            run_id = create_run(exp_id, f"{variant.name}-s{seed}", tags, flatten(cfg), parent_run_id,
+            run_id = tracking.create_run(exp_id, f"{variant.name}-s{seed}", tags, flatten(cfg), parent_run_id,
                                 f"{variant.rationale} (not run here: {why})", "run_study.py ablation")  # fmt: skip
-            mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+            tracking.set_status(run_id, "KILLED")
             made += 1
     return made
 
@@ -337,14 +279,11 @@ def _worker_main(plan: Plan, parent_run_id: str, worker: int, threads: int) -> N
 # --- the whole study --------------------------------------------------------------------------------
 
 
-def summary_rows(plan: Plan) -> list[dict]:
+def summary_rows(plan: Plan, tracking) -> list[dict]:
     """One row per variant: cells done / running / left, and the latest validation bits/dim."""
-    import mlflow
-
     states = cell_states(_load_study(plan))
-    client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(plan.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{schema.ABLATION_KEY} = '{plan.key}'")
+    exp = tracking.experiment(plan.experiment)
+    runs = tracking.search_runs([exp.experiment_id], f"tags.{schema.ABLATION_KEY} = '{plan.key}'")
     rows = []
     for v in plan.variants:
         mine = [r for r in runs if r.data.tags.get(schema.VARIANT) == v.name
@@ -372,17 +311,18 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
     import pandas as pd
 
     parent = driver.prepare(plan.sweep)
+    tracking = plan.sweep.tracking()
     planned = (len(plan.variants) + len(plan.skipped)) * len(plan.seeds)
-    summary = RunLogger(parent)  # the parent's own records: its tags here, its summary metrics below
+    summary = tracking.logger(parent)  # the parent's own records: its tags here, its summary metrics below
     # a report on an unfinished study says so; the UI shows what the study asks on its parent's page
     summary.tags({schema.CELLS_PLANNED: planned, schema.NOTE: _parent_note(plan, planned)})
     echo(f"study {plan.study}: parent run {parent}, {len(plan.cells)} cells, {workers} worker(s)")
-    if record_skipped(plan, parent):
+    if record_skipped(plan, tracking, parent):
         echo(f"recorded {len(plan.skipped) * len(plan.seeds)} cell(s) this device cannot run as skipped")
     last = [None]
 
     def progress() -> None:
-        rows = summary_rows(plan)  # read once, for the line and the parent's metrics
+        rows = summary_rows(plan, tracking)  # read once, for the line and the parent's metrics
         state = _print_progress(plan, rows, echo, last[0])
         if state != last[0]:
             log_summary(summary, rows, planned)
@@ -396,14 +336,14 @@ def run(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print, poll_
         driver.run_until_done(plan.sweep, workers, lambda: work(plan, parent, 0, echo, progress=progress), _worker_main,
                               (plan, parent), done, lambda: requeue(plan, _load_study(plan)), progress, echo,
                               poll_s)  # fmt: skip
-    rows = summary_rows(plan)
+    rows = summary_rows(plan, tracking)
     log_summary(summary, rows, planned)
     echo(pd.DataFrame(rows).to_string(index=False))
     return rows
 
 
 def _parent_note(plan: Plan, planned: int) -> str:
-    return (f"Study {plan.study} at preset {plan.preset}: {STUDY_DESCRIPTIONS.get(plan.study, '')}. "
+    return (f"Study {plan.study} at preset {plan.preset}: {plan.description}. "
             f"{len(plan.variants) + len(plan.skipped)} variants x {len(plan.seeds)} seeds = {planned} cells of "
             f"{plan.base.train.epochs} epochs; each cell is a child run. Summary metrics here: cells_done, and "
             "val_bpd / test_bpd per variant (mean over its seeds) and best over the study; "

@@ -5,7 +5,8 @@ for several) whose running trials send heartbeats. Every worker that points at t
 trials that no one else took; a killed worker's trial is failed once its heartbeat is stale and
 re-queued with the same parameters (RetryHeartbeatStaleTrialCallback). Each trial is one MLflow child
 run of the sweep's parent run. The ablation (sweep/ablation.py) and the learning-rate search
-(sweep/lrsearch.py) are each a search space and an objective on top of this.
+(sweep/lrsearch.py) each supply only how a trial becomes a cell (sweep/cells.py); the worker loop
+(:func:`work`: claim a cell, train it, record it, heartbeat, stop cleanly) is this module's.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from study import schema
 
 MAX_RETRY = 3  # a killed worker's trial is re-queued at most this many times
 STORAGE_FAULT_EXIT = 75  # a worker stopped by a full disk or a store locked past the wait (EX_TEMPFAIL)
@@ -52,6 +51,12 @@ class Sweep:
     grace: int = 30
     direction: str = "minimize"
     legacy_name: str = ""  # the study's name in a store made before readable names: resumed under it
+
+    def tracking(self):
+        """The sweep's MLflow store (study.store.Store), opened from its URI in this process."""
+        from study.store import Store
+
+        return Store(self.tracking_uri)
 
 
 def study_name(sweep: Sweep, store=None) -> str:
@@ -145,32 +150,25 @@ def load(sweep: Sweep, sampler=None, pruner=None):
 def prepare(sweep: Sweep) -> str:
     """Create the stores, the experiment, the Optuna study and the parent run once, before any worker
     starts (concurrent creation of a SQLite store races). Returns the parent run id (RUNNING)."""
-    import mlflow
     import optuna
 
-    from study.tracking import create_run, setup
-
-    _, exp_id = setup(sweep.tracking_uri, sweep.experiment)
+    tracking = sweep.tracking()
+    exp_id = tracking.open_experiment(sweep.experiment)
     store = storage(sweep)
     optuna.create_study(study_name=study_name(sweep, store), storage=store, direction=sweep.direction,
                         load_if_exists=True)  # fmt: skip
-    client = mlflow.MlflowClient()
-    parent = _find_parent(sweep, exp_id) or _claim_parent(sweep, exp_id, lambda: create_run(
-        exp_id, sweep.parent_name, {**sweep.parent_tags, **sweep.extra_tags}, sweep.parent_params))  # fmt: skip
-    client.update_run(parent, status="RUNNING")
+    tags = {**sweep.parent_tags, **sweep.extra_tags}
+    parent = _find_parent(tracking, sweep, exp_id) or _claim_parent(
+        tracking, sweep, exp_id, lambda: tracking.create_run(exp_id, sweep.parent_name, tags, sweep.parent_params))
+    tracking.set_status(parent, "RUNNING")
     return parent
 
 
-def _find_parent(sweep: Sweep, exp_id: str) -> str | None:
-    import mlflow
-
-    match = " and ".join(f"tags.{k} = '{v}'" for k, v in sweep.parent_tags.items())
-    runs = mlflow.MlflowClient().search_runs([exp_id], filter_string=match, order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if schema.PARENT not in r.data.tags]
-    return parents[0].info.run_id if parents else None
+def _find_parent(tracking, sweep: Sweep, exp_id: str) -> str | None:
+    return tracking.find_parent(exp_id, sweep.parent_tags)
 
 
-def _claim_parent(sweep: Sweep, exp_id: str, create: Callable[[], str], wait_s: float = 120.0) -> str:
+def _claim_parent(tracking, sweep: Sweep, exp_id: str, create: Callable[[], str], wait_s: float = 120.0) -> str:
     """The parent run, created by exactly one of the machines that found none. Searching and then
     creating lets two machines started together both create one (seen: two parents when the second
     machine started 3 s after the first on a loaded host). Optuna study names are unique in the shared
@@ -193,30 +191,19 @@ def _claim_parent(sweep: Sweep, exp_id: str, create: Callable[[], str], wait_s: 
     deadline = time.monotonic() + wait_s
     while True:
         run_id = optuna.load_study(study_name=name, storage=store).user_attrs.get(PARENT_ATTR)
-        if run_id and _live(run_id):
+        if run_id and tracking.is_live(run_id):
             return run_id
         if run_id or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     # the parent was deleted since, or the claimant died between its claim and the parent: take over
-    run_id = _find_parent(sweep, exp_id) or create()
+    run_id = _find_parent(tracking, sweep, exp_id) or create()
     optuna.load_study(study_name=name, storage=store).set_user_attr(PARENT_ATTR, run_id)
     return run_id
 
 
-def _live(run_id: str) -> bool:
-    import mlflow
-
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except mlflow.exceptions.MlflowException:
-        return False
-
-
 def finish(sweep: Sweep, parent: str, finished: bool) -> None:
-    from study.storage import PatientClient
-
-    PatientClient().set_terminated(parent, "FINISHED" if finished else "KILLED")
+    sweep.tracking().set_status(parent, "FINISHED" if finished else "KILLED")
 
 
 @contextlib.contextmanager
@@ -301,6 +288,54 @@ def _stopped_by_storage():
 
     return StorageFault("a worker stopped on a full disk or a locked store (its line is above); the study is left "
                         "to resume: run the same command again once that is fixed", locked=True)  # fmt: skip
+
+
+def work(study, make_cell: Callable, splits, worker: int = 0, echo: Callable[[str], None] = print, threads: int = 0,
+         after_each: Callable[[object], bool] = lambda study: False) -> int:  # fmt: skip
+    """One worker of any sweep: take trials of ``study`` (its storage sends their heartbeats), turn each
+    into a cell with ``make_cell(trial)`` (a sweep.cells.Cell; it may raise optuna.TrialPruned to stand
+    aside), train the cell's run on ``splits`` and record it on the trial; after each trial call
+    ``after_each(study)``, and stop once it says so. A cell whose run a live process still trains
+    fails its trial (left to its owner). Returns the trials this worker finished."""
+    import dataclasses
+
+    import optuna
+    import torch
+
+    from study.config import apply_values
+    from study.run.engine import train
+    from study.run.ownership import OwnedError
+
+    if threads:
+        torch.set_num_threads(threads)
+    done = 0
+
+    def objective(trial: optuna.Trial) -> float:
+        cell = make_cell(trial)
+        spec = cell.spec
+        if threads:
+            spec = dataclasses.replace(spec, cfg=apply_values(spec.cfg, {"train.threads": threads}))
+        prefix = f"[worker {worker}] {cell.run_label}: "
+        spec = dataclasses.replace(spec, echo=lambda line: echo(prefix + line), progress=False)
+        echo(f"[worker {worker}] {cell.name}: {cell.note}")
+        try:
+            result = train(spec, splits=splits)
+        except OwnedError as e:  # a live process still trains this run (its trial's heartbeat looked stale)
+            echo(f"[worker {worker}] {cell.name}: {e}; left to its owner, this trial fails")
+            raise
+        value = record_trial(trial, result)
+        if cell.pruned_is_result and result.outcome == "pruned":
+            raise optuna.TrialPruned()
+        return value
+
+    def after(study, _trial) -> None:
+        nonlocal done
+        done += 1
+        if after_each(study):
+            study.stop()
+
+    study.optimize(objective, callbacks=[after], catch=(OwnedError,))
+    return done
 
 
 def record_trial(trial, result) -> float:

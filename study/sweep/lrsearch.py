@@ -16,6 +16,7 @@ from pathlib import Path
 from study import schema
 from study.config import Config, ConfigError, apply_values, identity
 from study.sweep import driver
+from study.sweep.cells import Cell, Variant
 
 SAMPLERS = ("tpe", "grid", "gp")
 PRUNERS = ("median", "hyperband", "none")
@@ -66,12 +67,10 @@ class Search:
                             self.heartbeat, self.grace, legacy_name=self.name)  # fmt: skip
 
 
-def make_search(
-    base: Config, preset: str, variant: str | None, trials: int, low: float, high: float, sampler: str, pruner, **kw
-) -> Search:
-    """Validate the request; a bad range, sampler, pruner or variant is a ConfigError (exit 2)."""
-    from experiments.ablation import STABILIZERS
-
+def make_search(base: Config, preset: str, variant: Variant | None, trials: int, low: float, high: float,
+                sampler: str, pruner, **kw) -> Search:  # fmt: skip
+    """Validate the request; a bad range, sampler or pruner is a ConfigError (exit 2). ``variant``'s
+    switches go on top of ``base`` (experiments.studies.plan_search finds it by name)."""
     if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 or high <= 0:
         raise ConfigError(f"--range {low:g} {high:g}: learning rates must be positive numbers")
     if low >= high:
@@ -82,14 +81,12 @@ def make_search(
         raise ConfigError(f"--pruner {pruner!r}: use one of {', '.join(PRUNERS)}")
     if trials < 1:
         raise ConfigError("--trials must be >= 1")
-    if variant:
-        by = {v.name: v for v in STABILIZERS}
-        if variant not in by:
-            raise ConfigError(f"--variant {variant!r}: use one of {', '.join(by)}")
-        base = apply_values(base, by[variant].overrides)
+    if variant is not None:
+        base = apply_values(base, variant.overrides)
     kw["experiment"] = kw.get("experiment") or f"lr-search-{preset}"
     kw["storage"] = kw.get("storage") or driver.default_storage()
-    return Search(base, preset, variant or "default", trials, low, high, sampler, pruner, **kw)
+    name = variant.name if variant is not None else "default"
+    return Search(base, preset, name, trials, low, high, sampler, pruner, **kw)
 
 
 def _sampler(search: Search, worker: int, existing: int = 0):
@@ -148,22 +145,17 @@ def _duplicate_retry(study, trial) -> bool:
                and not t.user_attrs.get("duplicate") for t in trials)  # fmt: skip
 
 
-def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], None] = print, threads: int = 0) -> None:
+def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], None] = print, threads: int = 0) -> int:
     """Run trials until the study holds ``search.trials`` finished (complete or pruned) trials."""
     import optuna
-    import torch
 
     from study.data import load_splits
-    from study.run import RunPruned, RunSpec, train
-    from study.run.ownership import OwnedError
+    from study.run.spec import RunPruned, RunSpec
 
-    if threads:
-        torch.set_num_threads(threads)
     existing = len(driver.load(search.sweep).trials)
     study = driver.load(search.sweep, sampler=_sampler(search, worker, existing), pruner=_pruner(search))
-    splits = load_splits(search.base.data)
 
-    def objective(trial: optuna.Trial) -> float:
+    def make_cell(trial: optuna.Trial) -> Cell:
         lr = trial.suggest_float("lr", search.low, search.high, log=True)
         if _duplicate_retry(study, trial):
             # on SQLite two workers can both fail the same stale trial and both re-queue it
@@ -172,34 +164,23 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
         values = {"train.lr": lr}
         if search.search_warmup:
             values["stabilizers.warmup_steps"] = trial.suggest_int("warmup_steps", 0, 200, step=50)
-        if threads:
-            values["train.threads"] = threads
-        cfg = apply_values(search.base, values)
 
         def on_epoch(epoch: int, val_bpd: float) -> None:
             trial.report(val_bpd, epoch)
             if trial.should_prune():
                 raise RunPruned()
 
-        echo(f"[worker {worker}] trial {trial.number}: lr {lr:.3g}")
-        spec = RunSpec(cfg=cfg, preset=search.preset, variant=search.variant, experiment=search.experiment,
-                       tracking_uri=search.tracking_uri, device=search.device, checkpoint_root=search.checkpoint_root,
-                       parent_run_id=parent, tags={schema.LR_SEARCH: search.name, schema.TRIAL: str(trial.number)},
-                       echo=lambda s: echo(f"[worker {worker}] trial {trial.number}: {s}"), progress=False,
+        spec = RunSpec(cfg=apply_values(search.base, values), preset=search.preset, variant=search.variant,
+                       experiment=search.experiment, tracking_uri=search.tracking_uri, device=search.device,
+                       checkpoint_root=search.checkpoint_root, parent_run_id=parent,
+                       tags={schema.LR_SEARCH: search.name, schema.TRIAL: str(trial.number)},
                        on_epoch=on_epoch, evaluate_test=False, run_name=f"{search.variant}-lr{lr:.3g}-t{trial.number}",
                        description=f"learning-rate search {search.name}: trial {trial.number}, lr {lr:.4g}",
                        source="run_study.py lr-search")  # fmt: skip
-        try:
-            result = train(spec, splits=splits)
-        except OwnedError as e:  # a live process still trains this trial's run (its heartbeat looked stale)
-            echo(f"[worker {worker}] trial {trial.number}: {e}; left to its owner, this trial fails")
-            raise
-        value = driver.record_trial(trial, result)
-        if result.outcome == "pruned":
-            raise optuna.TrialPruned()
-        return value
+        name = f"trial {trial.number}"
+        return Cell(name, f"lr {lr:.3g}", name, spec, pruned_is_result=True)
 
-    def enough(study, _trial) -> None:
+    def enough(study) -> bool:
         from optuna.trial import TrialState
 
         from study.run.progress import clock, remaining
@@ -211,12 +192,14 @@ def work(search: Search, parent: str, worker: int = 0, echo: Callable[[str], Non
         if finished < search.trials:
             echo(f"[worker {worker}] trials finished {finished}/{search.trials}, "
                  f"ETA {clock(remaining(took, search.trials - finished))} at this worker's pace")  # fmt: skip
-        else:
-            study.stop()
+            return False
+        return True
 
-    if _finished(study) < search.trials:
-        optuna.storages.fail_stale_trials(study)
-        study.optimize(objective, callbacks=[enough], catch=(OwnedError,))
+    if _finished(study) >= search.trials:
+        return 0
+    optuna.storages.fail_stale_trials(study)
+    splits = load_splits(search.base.data)
+    return driver.work(study, make_cell, splits, worker, echo, threads, enough)
 
 
 def _worker_main(search: Search, parent: str, worker: int, threads: int) -> None:
@@ -239,9 +222,7 @@ def trials_frame(search: Search):
 
 def run(search: Search, workers: int = 1, echo: Callable[[str], None] = print):
     """The whole search: prepare, work (in ``workers`` processes), record the best on the parent."""
-    import mlflow
     import optuna
-    from mlflow.entities import Metric, RunTag
 
     sweep = search.sweep
     parent = driver.prepare(sweep)
@@ -261,9 +242,8 @@ def run(search: Search, workers: int = 1, echo: Callable[[str], None] = print):
     complete = frame[(frame["state"] == "COMPLETE") & frame["value"].map(lambda v: v is not None and math.isfinite(v))]
     if len(complete):
         best = complete.loc[complete["value"].idxmin()]
-        metrics = [Metric(schema.BEST_VAL_BPD, float(best["value"]), 0, 0),
-                   Metric(schema.BEST_LR, float(best["lr"]), 0, 0)]  # fmt: skip
-        tags = [RunTag(schema.BEST_TRIAL, str(int(best["trial"]))),
-                RunTag(schema.BEST_RUN_ID, str(best["mlflow_run_id"]))]  # fmt: skip
-        mlflow.MlflowClient().log_batch(parent, metrics=metrics, tags=tags)
+        tracking = sweep.tracking()
+        best_metrics = {schema.BEST_VAL_BPD: best["value"], schema.BEST_LR: best["lr"]}
+        tracking.log_metrics(parent, best_metrics, 0, timestamp_ms=0)
+        tracking.set_tags(parent, {schema.BEST_TRIAL: int(best["trial"]), schema.BEST_RUN_ID: best["mlflow_run_id"]})
     return frame, (complete.loc[complete["value"].idxmin()] if len(complete) else None)

@@ -115,6 +115,13 @@ def _check_store(tracking_uri: str | None, must_exist: bool = False) -> str:
         _fail(str(e))
 
 
+def _open_store(tracking_uri: str | None, must_exist: bool = False):
+    """The command's one tracking store (study.store.Store), checked first: a bad one is one line, exit 2."""
+    from study.store import Store
+
+    return Store(_check_store(tracking_uri, must_exist))
+
+
 def _check_storage(storage: str | None) -> None:
     from study.tracking import check_database_url
 
@@ -303,8 +310,8 @@ def train(preset, data, seed, epochs, overrides, experiment, tracking_uri, devic
     cfg = _config(preset, data, extra, variant)
     from experiments.studies import find_variant
     from study.data import DataError
-    from study.run import RunSpec
-    from study.run import train as train_run
+    from study.run.engine import train as train_run
+    from study.run.spec import RunSpec
 
     spec = RunSpec(cfg=cfg, preset=preset, variant=variant or "default", experiment=experiment,
                    tracking_uri=tracking_uri, device=device, checkpoint_root=Path(checkpoint_dir), fresh=fresh,
@@ -348,18 +355,19 @@ def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, over
             for v in variants:
                 click.echo(f"  {v.name:<22} {v.rationale}")
         return
+    from experiments.studies import describe, plan_study
     from study.sweep import ablation as ab
 
     base = _config(preset, data, tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ()))
     try:
-        plan = ab.make_plan(study_name, preset, base, _seeds(seeds), only, device, experiment=experiment,
-                            storage=storage, tracking_uri=tracking_uri, checkpoint_root=Path(checkpoint_dir),
-                            grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
+        plan = plan_study(study_name, preset, base, _seeds(seeds), only, device, experiment=experiment,
+                          storage=storage, tracking_uri=tracking_uri, checkpoint_root=Path(checkpoint_dir),
+                          grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
     except ConfigError as e:
         _fail(str(e))
     _check_storage(storage)  # before the plan is printed: a bad store is the one line the user sees
     _check_store(tracking_uri)
-    click.echo(ab.describe(plan))
+    click.echo(describe(plan))
     if dry_run:
         return
     try:
@@ -395,14 +403,15 @@ def lr_search(preset, data, variant, trials, epochs, overrides, storage, workers
     """Search the learning rate with Optuna (objective: validation bits/dim), each trial an MLflow run."""
     import pandas as pd
 
+    from experiments.studies import plan_search
     from study.sweep import lrsearch
 
     base = _config(preset, data, tuple(overrides) + ((f"train.epochs={epochs}",) if epochs is not None else ()))
     try:
-        search = lrsearch.make_search(base, preset, variant, trials, lr_range[0], lr_range[1], sampler, pruner,
-                                      storage=storage, tracking_uri=tracking_uri, experiment=experiment,
-                                      checkpoint_root=Path(checkpoint_dir), device=device, search_warmup=search_warmup,
-                                      grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
+        search = plan_search(base, preset, variant, trials, lr_range[0], lr_range[1], sampler, pruner,
+                             storage=storage, tracking_uri=tracking_uri, experiment=experiment,
+                             checkpoint_root=Path(checkpoint_dir), device=device, search_warmup=search_warmup,
+                             grace=grace, heartbeat=max(1, grace // 3))  # fmt: skip
     except ConfigError as e:
         _fail(str(e))
     _check_storage(storage)
@@ -443,16 +452,15 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
     from analysis.report import generate_report
     from study.data import DataError, parse_data_spec
 
-    uri = _check_store(tracking_uri, must_exist=True)
+    store = _open_store(tracking_uri, must_exist=True)
     try:
-        experiment = experiment or only_study(uri)
+        experiment = experiment or only_study(store)
         override = {k.split(".", 1)[1]: v for k, v in parse_data_spec(data).items()} if data else None
         args = _invocation("report")
-        for uri_b, _ in beside:
-            _check_store(uri_b, must_exist=True)
-        path = generate_report(tracking_uri, experiment, Path(out), window, override, audit,
+        others = tuple((_open_store(uri_b, must_exist=True), name) for uri_b, name in beside)
+        path = generate_report(store, experiment, Path(out), window, override, audit,
                                command=f"python run_study.py {args}", lr_experiment=lr_experiment,
-                               log_to_parent=log, beside=tuple(beside), say=_stage("report"))  # fmt: skip
+                               log_to_parent=log, beside=others, say=_stage("report"))  # fmt: skip
     except (NoRunsError, DataError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
@@ -512,9 +520,9 @@ def evaluate(run_id, data, split, mode, bn_recalibrate, batch, log, tracking_uri
     from study.data import DataError
     from study.run.evaluation import evaluate_run
 
-    _check_store(tracking_uri, must_exist=True)
+    store = _open_store(tracking_uri, must_exist=True)
     try:
-        r = evaluate_run(run_id, tracking_uri, data, split, mode, bn_recalibrate, batch, log)
+        r = evaluate_run(store, run_id, data, split, mode, bn_recalibrate, batch, log)
     except (ValueError, DataError) as e:
         _fail(str(e))
     recal = f", batch norm re-estimated from {r.recalibrate} training batches" if r.recalibrate else ""
@@ -527,11 +535,11 @@ def evaluate(run_id, data, split, mode, bn_recalibrate, batch, log, tracking_uri
 @click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
 def ui(tracking_uri, port):
     """Serve the MLflow UI for the study's store on 127.0.0.1; Ctrl-C, SIGTERM or SIGHUP stop it."""
-    from study.tracking import serve_ui
+    from study_cli.ui import serve_ui
 
-    _check_store(tracking_uri, must_exist=True)
+    store = _open_store(tracking_uri, must_exist=True)
     try:
-        serve_ui(tracking_uri, port, echo=click.echo)
+        serve_ui(store, port, echo=click.echo)
     except ValueError as e:
         _fail(str(e))
     except KeyboardInterrupt as e:  # the server and its workers are stopped
@@ -544,8 +552,8 @@ def ui(tracking_uri, port):
 def dashboard(storage, port):
     """Serve optuna-dashboard, Optuna's viewer, for the study's Optuna storage on 127.0.0.1: each sweep's
     trials, states, parameters and values. Ctrl-C, SIGTERM or SIGHUP stop it."""
-    from study.dashboard import serve_dashboard
     from study.sweep.driver import default_storage
+    from study_cli.dashboard import serve_dashboard
 
     storage = storage or default_storage()
     _check_storage(storage)
@@ -567,9 +575,9 @@ def sample(run_id, temperature, num, out, tracking_uri):
     """Write a grid of samples from a run's last checkpoint."""
     from study.run.state import sample_from_run
 
-    _check_store(tracking_uri, must_exist=True)
+    store = _open_store(tracking_uri, must_exist=True)
     try:
-        path = sample_from_run(run_id, tracking_uri, temperature, num, out)
+        path = sample_from_run(store, run_id, temperature, num, out)
     except ValueError as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
@@ -618,8 +626,7 @@ def bench(preset, device, amp, channels_last, compile_, compile_mode, arch, batc
         except RuntimeError as e:
             _fail(str(e))
         return
-    if log_:
-        _check_store(tracking_uri)
+    store = _open_store(tracking_uri) if log_ else None
     mode = compile_mode if compile_ else "off"
     try:
         if matrix:
@@ -631,7 +638,7 @@ def bench(preset, device, amp, channels_last, compile_, compile_mode, arch, batc
     click.echo(b.table(results).to_string(index=False))
     click.echo(f"machine: {b.machine(results[0].device)}")
     if log_:
-        click.echo(f"logged as MLflow run {b.log_results(results, tracking_uri)}")
+        click.echo(f"logged as MLflow run {b.log_results(results, store)}")
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def study_lines(storage: str) -> list[str]:
 def serve_dashboard(storage: str, port: int, echo=print) -> None:
     """Run optuna-dashboard in the foreground until Ctrl-C, SIGTERM or SIGHUP, then stop it and every
     process it started, leaving nothing listening."""
-    from study.tracking import stop_group
+    from study_cli.ui import stop_group
 
     command = dashboard_command(check_storage_exists(storage), port)
     lines = study_lines(storage)
