@@ -196,6 +196,17 @@ def _diverged_at(r: pd.DataFrame) -> str:
 READINGS = ("early", "window", "test")  # validation at epoch EARLY, the last-WINDOW mean, test at the end
 
 
+def verdict_change(early_type: str, early_dir: str, window_type: str, window_dir: str) -> str:
+    """What became of a short run's verdict over the long window: ``held`` (the same type and direction),
+    ``resolved`` (the short reading was inconclusive, so it claimed nothing a typed window verdict could
+    overturn), or ``did not hold`` (a typed verdict whose type or direction changed, or was lost)."""
+    if early_type == window_type and early_dir == window_dir:
+        return "held"
+    if early_type == "inconclusive":
+        return "resolved"
+    return "did not hold"
+
+
 def verdicts_over_time(runs: pd.DataFrame, history: pd.DataFrame, families, early: int = EARLY,
                        window: int = WINDOW) -> pd.DataFrame:  # fmt: skip
     """Each declared contrast read three ways on the same runs: validation bits/dim at epoch ``early``
@@ -205,8 +216,9 @@ def verdicts_over_time(runs: pd.DataFrame, history: pd.DataFrame, families, earl
     so the three readings use the same pairs).
 
     Returns one row per (family, variant, against): for each reading R in READINGS, R_diff, R_lo,
-    R_hi, R_p_holm, R_type (effect / equivalent / inconclusive) and R_dir (better / worse / ''), and
-    ``held``: whether the window reading has the early reading's type and direction.
+    R_hi, R_p_holm, R_type (effect / equivalent / inconclusive) and R_dir (better / worse / ''),
+    ``held``: whether the window reading has the early reading's type and direction, and ``change``:
+    :func:`verdict_change` (held / resolved / did not hold).
     """
     from analysis.comparisons import family_comparisons
 
@@ -227,4 +239,6 @@ def verdicts_over_time(runs: pd.DataFrame, history: pd.DataFrame, families, earl
         })  # fmt: skip
         merged = part if merged is None else merged.merge(part, on=["family", "variant", "against", "pairs"])
     merged["held"] = (merged["early_type"] == merged["window_type"]) & (merged["early_dir"] == merged["window_dir"])
+    merged["change"] = [verdict_change(*row) for row in zip(merged["early_type"], merged["early_dir"],
+                                                            merged["window_type"], merged["window_dir"], strict=True)]
     return merged

@@ -65,7 +65,8 @@ def beside_figures(beside: tuple[Beside, ...], variants: list[str]) -> dict[str,
     for store, experiment in beside:
         runs, _, _ = collect_runs(store, experiment)
         runs = runs[runs["excluded"] == ""]
-        epochs = sorted({int(e) for e in runs["epochs"]})
+        # the length its runs trained for: a run that failed at initialisation ran 0 epochs of it
+        epochs = sorted({int(e) for e in runs.loc[runs["result"] == "trained", "epochs"]})
         column = f"test bpd, `{experiment}` ({'/'.join(map(str, epochs))} epochs)"
         out[column] = {v: _summary(summarize(r.loc[r["result"] == "trained", "test_bpd"]))
                        for v, r in runs.groupby("variant") if v in variants}  # fmt: skip
@@ -163,14 +164,16 @@ def changes(runs: pd.DataFrame, history: pd.DataFrame, window: int, m: Measures)
                                                      v[f"{r}_hi"], v[f"{r}_p_holm"], strict=True)]
                for r, title in (("early", f"val bpd at epoch {longrun.EARLY}"),
                                 ("window", f"val bpd, last {window} mean"), ("test", "test bpd, final model"))},
-            "6-epoch verdict held": v["held"].map({True: "yes", False: "**no**"}),
+            "6-epoch verdict held": v["change"].map({"held": "yes", "resolved": "resolved", "did not hold": "**no**"}),
         })  # fmt: skip
         lines += ["### The short-run verdicts at 100 epochs", "",
                   f"Each contrast the study declares, paired over the seeds where both runs trained, read at epoch "
                   f"{longrun.EARLY} (where the committed studies stop), over the last {window} epochs, and on the "
                   "final model's test split; each reading Holm-corrected within its family, with the typed verdicts "
                   f"of the stabilizer studies (effect, equivalent within ±{EQUIVALENCE_MARGIN:g}, inconclusive). "
-                  f"*Held*: the window reading has the epoch-{longrun.EARLY} reading's type and direction.", "",
+                  f"*Held*: the window reading has the epoch-{longrun.EARLY} reading's type and direction; "
+                  f"*resolved*: the epoch-{longrun.EARLY} reading was inconclusive, so it claimed nothing the window "
+                  "could overturn; *no*: a typed verdict whose type or direction changed.", "",
                   md_table(table), ""]  # fmt: skip
     o = longrun.overfitting(history).sort_values(["variant", "seed"])
     o_t = pd.DataFrame({
@@ -210,5 +213,7 @@ def findings(m: Measures, window: int) -> list[str]:
                         if math.isfinite(r.window_diff) else f"{r.pairs} pairs trained")  # fmt: skip
             lines.append(f"- {label(r.variant)} vs {label(r.against)} ({r.family}): {before} at epoch {longrun.EARLY}, "
                          f"{after} over the last {window} epochs ({measured}): "
-                         f"{'held' if r.held else '**did not hold**'}.")  # fmt: skip
+                         + {"held": "held.", "did not hold": "**did not hold**.",
+                            "resolved": "resolved (an inconclusive 6-epoch reading claimed nothing to overturn)."}[
+                             r.change])  # fmt: skip
     return lines + [""]

@@ -171,3 +171,14 @@ def test_a_long_study_reports_table_2_and_which_short_run_verdicts_held(store, t
     short = generate_report(Store(store), "short", tmp_path / "s", window=40, run_audit=False, command="x").read_text()
     assert "Table 2, in form" not in short and "last 6 of 6 epochs" in short
 
+
+def test_a_short_verdict_held_resolved_or_did_not_hold():
+    """An inconclusive 6-epoch reading claims nothing, so a typed window verdict resolves it; a typed
+    reading holds only with the same type and direction."""
+    assert longrun.verdict_change("effect", "better", "effect", "better") == "held"
+    assert longrun.verdict_change("inconclusive", "", "inconclusive", "") == "held"
+    assert longrun.verdict_change("inconclusive", "", "equivalent", "") == "resolved"
+    assert longrun.verdict_change("inconclusive", "", "effect", "worse") == "resolved"
+    assert longrun.verdict_change("effect", "worse", "equivalent", "") == "did not hold"
+    assert longrun.verdict_change("effect", "worse", "effect", "better") == "did not hold"
+    assert longrun.verdict_change("equivalent", "", "inconclusive", "") == "did not hold"
