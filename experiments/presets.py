@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from experiments.ladder import RUNGS as LADDER_RUNGS
 from study.config import Config, ConfigError, apply_values
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -54,6 +55,19 @@ PRESETS: dict[str, dict[str, object]] = {
         "train.batch_size": 64,
         "train.sample_every": 25,
     },
+    # the scale ladder (experiments/ladder.py, `ablation transfer`): each cell sets its own size and
+    # learning rate; 3 epochs of the 3,600 training images, sized so the 144 cells take about 4 hours on 2
+    # CPU cores (the dry run measures it). No sample grid before the last epoch.
+    "ladder": {
+        "data.source": "cifar10",
+        "data.path": "data/cifar10",
+        "model.num_scales": 2,
+        "model.mid_channels": 8,
+        "model.num_blocks": 2,
+        "train.epochs": 3,
+        "train.batch_size": 64,
+        "train.sample_every": 3,
+    },
     # the paper's CIFAR-10 configuration (section 4.1), for a GPU
     "paper": {
         "data.source": "cifar10",
@@ -75,6 +89,9 @@ PRESETS: dict[str, dict[str, object]] = {
 BENCH_SIZES: dict[str, dict[str, int]] = {
     "small": {"model.num_scales": 2, "model.mid_channels": 32, "model.num_blocks": 2},
     "rung-32x4": {"model.num_scales": 2, "model.mid_channels": 32, "model.num_blocks": 4},
+    # the ladder's rungs (experiments/ladder.py), which its dry run times
+    **{f"rung-{name}": {"model.num_scales": 2, "model.mid_channels": maps, "model.num_blocks": blocks}
+       for name, maps, blocks in LADDER_RUNGS},
 }
 
 

@@ -4,7 +4,7 @@ imports this."""
 
 from __future__ import annotations
 
-from experiments import factorial
+from experiments import factorial, ladder
 from experiments.ablation import (
     FAMILIES,
     HEADLINE,
@@ -23,11 +23,13 @@ STUDIES: dict[str, tuple[Variant, ...]] = {
     "factorial-zero-init": factorial.HALF_ZERO_INIT,
     "factorial-full": factorial.FULL,
     "long-run": LONG_RUN,
+    "transfer": ladder.TRANSFER,
 }
 STUDY_FAMILIES: dict[str, tuple[Family, ...]] = {
     "stabilizers": FAMILIES,
     "headline": HEADLINE_FAMILIES,
     "long-run": LONG_RUN_FAMILIES,
+    "transfer": ladder.TRANSFER_FAMILIES,
     # a factorial has no baseline: every cell is read together ("design")
     **{name: (Family(name, "every main effect and two-factor interaction", "design",
                      tuple(v.name for v in cells)),)
@@ -42,7 +44,11 @@ STUDY_DESCRIPTIONS = {
     "factorial-zero-init": "the half fraction on a zero-initialised base, whose first forward pass cannot overflow",
     "long-run": "the seed report's own statistic, last 40 of 100 epochs, for its recipe, the paper's and exp+softplus "
                 "(preset cifar-long)",
+    "transfer": "the scale ladder: 4 recipes x 6 learning rates at 3 model sizes (8x2, 16x2, 32x2), fp32 "
+                "(preset ladder): do the verdicts transfer toward the paper's size?",
 }
+# studies whose --dry-run also prints each rung's cost from a measured step time (experiments/ladder.py)
+RUNGS = {"transfer": ladder.RUNGS}
 FACTORIAL_STUDIES = ("factorial", "factorial-full", "factorial-zero-init")
 
 

@@ -369,6 +369,7 @@ def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, over
     _check_store(tracking_uri)
     click.echo(describe(plan))
     if dry_run:
+        _print_rung_costs(study_name, plan, workers)
         return
     try:
         ab.run(plan, workers=workers, echo=click.echo)
@@ -376,6 +377,35 @@ def ablation(study_name, list_, dry_run, preset, data, seeds, only, epochs, over
         _fail(str(e))
     except KeyboardInterrupt as e:
         _interrupted(e, "run the same command again to continue where it stopped")
+
+
+def _print_rung_costs(study_name: str, plan, workers: int) -> None:
+    """A ladder's dry run: each rung's training step timed here (a few steps, on the threads one of
+    ``workers`` gets), then each rung's cost at that speed (experiments.ladder.cost)."""
+    import os
+
+    import pandas as pd
+    import torch
+
+    from bench.timing import bench
+    from experiments.ladder import cost
+    from experiments.studies import RUNGS
+    from study.data import DataError, load_splits
+
+    if study_name not in RUNGS:
+        return
+    try:
+        train_images = len(load_splits(plan.base.data).train)
+    except DataError as e:
+        _fail(str(e))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    device = "cpu" if plan.device == "auto" and not torch.cuda.is_available() else plan.device
+    click.echo(f"\ntiming each rung's training step on {device} ({threads} thread(s) a worker, batch "
+               f"{plan.base.train.batch_size}; a few seconds a rung)")
+    speed = {name: bench(f"rung-{name}", device, batch=plan.base.train.batch_size, steps=3, warmup=1).train_ips
+             for name, _, _ in RUNGS[study_name]}  # fmt: skip
+    click.echo(pd.DataFrame(cost(plan, speed, workers, train_images)).to_string(index=False))
 
 
 @cli.command("lr-search", epilog=_examples("lr-search"))

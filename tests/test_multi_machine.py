@@ -109,6 +109,7 @@ def test_the_ablation_on_two_machines_runs_every_cell_once_and_survives_a_lost_m
     print(f"two-machine demo study: {seconds:.0f} s; cells per machine: b took {out.count('training')} starts")
 
 
+@pytest.mark.slow(24)
 def test_the_lr_search_on_two_machines_takes_distinct_trials(cluster, tmp_path):
     args = ["lr-search", "--preset", "demo", "--trials", "4", "--pruner", "none", "--experiment", "multi-lr",
             *tiny_overrides(**{"train.epochs": 2, "data.train_limit": 64})]  # fmt: skip

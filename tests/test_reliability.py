@@ -238,6 +238,7 @@ def test_sigterm_and_sighup_end_a_run_like_ctrl_c(store, tmp_path, sig):
     assert client.get_run(run.info.run_id).data.tags["outcome"] == "completed"
 
 
+@pytest.mark.slow(13)
 @pytest.mark.parametrize("sig,code,ignored", [(signal.SIGTERM, 143, False), (signal.SIGINT, 130, True)],
                          ids=["sigterm", "sigint-arriving-ignored"])  # fmt: skip
 def test_a_signal_to_an_ablation_stops_its_workers_and_records_their_runs(store, tmp_path, sig, code, ignored):
