@@ -1,0 +1,235 @@
+"""The scale ladder's measures (`ablation transfer`, experiments/ladder.py), one pure function each, after
+Wortsman et al. 2023 ("Small-scale proxies for large-scale Transformer training instabilities", arXiv
+2309.14322): the curve of final validation bits/dim against the learning rate, the largest stable
+learning rate, LR sensitivity, and how a recipe's difference from the seed report's moves with
+log(weights), extrapolated to the paper's size as a stated, refutable prediction.
+
+Every run is counted: a run that did not train (diverged, failed at initialisation or in evaluation,
+trained badly: study.run.outcome) is a failure at its learning rate, drawn and counted as one, and in
+LR sensitivity it scores the loss at initialisation, as Wortsman et al. cap a diverged run. At the two
+seeds a ladder affords, every interval is Student t over seeds (n - 1 = 1 degree of freedom: wide, and
+said so); a trend over rungs is an OLS fit with its t interval on n - 2 degrees of freedom.
+
+Shapes are stated in each docstring.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.stats import CONF, t_interval, with_result
+
+BASELINE = "seed-report-fp32"  # experiments.ladder.BASELINE: every recipe is read against it
+
+
+def lr_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell (rung, recipe, lr, seed) of a ladder's runs: the final validation bits/dim of a
+    run that trained (NaN otherwise), its result, and ``failed`` (any result but *trained*).
+
+    runs: analysis.collect.collect_runs' runs (variant names ``RUNG/RECIPE/lrLR``: experiments.ladder),
+    with val_bpd (last epoch), result (or outcome and test_bpd) and seed. Returns columns rung, recipe,
+    lr, seed, val_bpd, result, failed, run_id; sorted by rung, recipe, lr, seed."""
+    from experiments.ladder import parse
+
+    runs = with_result(runs)
+    parsed = [parse(v) for v in runs["variant"]]
+    out = pd.DataFrame({
+        "rung": [p[0] for p in parsed], "recipe": [p[1] for p in parsed], "lr": [p[2] for p in parsed],
+        "seed": runs["seed"].astype(int).to_numpy(), "result": runs["result"].to_numpy(),
+        "run_id": runs["run_id"].to_numpy() if "run_id" in runs else "",
+    })  # fmt: skip
+    out["failed"] = out["result"] != "trained"
+    out["val_bpd"] = np.where(out["failed"], math.nan, runs["val_bpd"].astype(float).to_numpy())
+    return out.sort_values(["rung", "recipe", "lr", "seed"], key=_rung_order).reset_index(drop=True)
+
+
+def _rung_order(column: pd.Series) -> pd.Series:
+    """Rungs by size (8x2 < 16x2 < 32x2), every other column as it is."""
+    if column.name != "rung":
+        return column
+    return column.map(lambda r: tuple(int(x) for x in r.split("x")))
+
+
+def largest_stable_lr(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (rung, recipe): the largest stable learning rate, the largest such that every seed trained at
+    it and at every smaller one on the grid (a failure below it ends the stable range, even if a larger
+    learning rate trains again: the conservative reading at two seeds), and the smallest at which any
+    seed failed (NaN where none did); ``stable_to_top`` when no run on the grid failed.
+
+    curves: lr_curves. Returns columns rung, recipe, largest_stable_lr, first_failing_lr, failed_runs,
+    runs, stable_to_top."""
+    rows = []
+    for (rung, recipe), g in curves.groupby(["rung", "recipe"], sort=False):
+        any_failed = g.groupby("lr")["failed"].any().sort_index()
+        bad = any_failed.index[any_failed.to_numpy()]
+        ok = any_failed.index[any_failed.index < bad.min()] if len(bad) else any_failed.index
+        rows.append({"rung": rung, "recipe": recipe,
+                     "largest_stable_lr": float(ok.max()) if len(ok) else math.nan,
+                     "first_failing_lr": float(bad.min()) if len(bad) else math.nan,
+                     "failed_runs": int(g["failed"].sum()), "runs": len(g), "stable_to_top": not len(bad)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def lr_sensitivity(curves: pd.DataFrame, init_bpd: pd.DataFrame) -> pd.DataFrame:
+    """Wortsman et al.'s LR sensitivity per (rung, recipe, seed): over the learning-rate grid, the mean of
+    min(L(lr), L0) - min over the grid of L, where L is the final validation bits/dim, L0 the validation
+    bits/dim of the same seed's model at initialisation, and a run that did not train scores L0 (it is no
+    better than where it started). 0: every learning rate reaches the best; larger: a narrower basin.
+    NaN where no run of the seed trained (there is no best to measure from).
+
+    curves: lr_curves. init_bpd: columns rung, recipe, seed, init_bpd (one row each; the learning rate
+    does not change a model at initialisation). Returns columns rung, recipe, seed, sensitivity,
+    best_bpd, best_lr, lrs (grid points counted)."""
+    merged = curves.merge(init_bpd[["rung", "recipe", "seed", "init_bpd"]], on=["rung", "recipe", "seed"],
+                          how="left", validate="many_to_one")  # fmt: skip
+    rows = []
+    for (rung, recipe, seed), g in merged.groupby(["rung", "recipe", "seed"], sort=False):
+        l0 = float(g["init_bpd"].iloc[0])
+        scored = np.where(g["failed"], l0, np.minimum(g["val_bpd"].to_numpy(dtype=float), l0))
+        trained = g.loc[~g["failed"]]
+        if trained.empty or not math.isfinite(l0):
+            rows.append({"rung": rung, "recipe": recipe, "seed": seed, "sensitivity": math.nan,
+                         "best_bpd": math.nan, "best_lr": math.nan, "lrs": len(g)})  # fmt: skip
+            continue
+        best = trained.loc[trained["val_bpd"].idxmin()]
+        best_bpd = min(float(best["val_bpd"]), l0)
+        rows.append({"rung": rung, "recipe": recipe, "seed": seed, "sensitivity": float(np.mean(scored - best_bpd)),
+                     "best_bpd": float(best["val_bpd"]), "best_lr": float(best["lr"]), "lrs": len(g)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def over_seeds(per_seed: pd.DataFrame, value: str, conf: float = CONF) -> pd.DataFrame:
+    """Per (rung, recipe): mean of ``value`` over seeds with its Student-t interval (n - 1 df) and n.
+
+    per_seed: rows of (rung, recipe, seed, value) (lr_sensitivity's). Returns columns rung, recipe, mean,
+    ci_lo, ci_hi, n."""
+    rows = []
+    for (rung, recipe), g in per_seed.groupby(["rung", "recipe"], sort=False):
+        x = g[value].to_numpy(dtype=float)
+        x = x[np.isfinite(x)]
+        lo, hi = t_interval(x, conf)
+        rows.append({"rung": rung, "recipe": recipe, "mean": float(x.mean()) if len(x) else math.nan,
+                     "ci_lo": lo, "ci_hi": hi, "n": len(x)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def differences(curves: pd.DataFrame, sensitivity: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Each recipe against ``baseline`` at each rung, paired by seed: the difference in best validation
+    bits/dim on the grid (``d_best``), in LR sensitivity (``d_sensitivity``) and in the share of the grid
+    whose run failed (``d_failed``). Positive: the recipe is worse, more sensitive, fails more.
+
+    curves: lr_curves. sensitivity: lr_sensitivity. Returns columns rung, recipe, seed, d_best,
+    d_sensitivity, d_failed (NaN where either side has no trained run for d_best and d_sensitivity)."""
+    failed = curves.groupby(["rung", "recipe", "seed"])["failed"].mean().rename("failed_share").reset_index()
+    per = sensitivity.merge(failed, on=["rung", "recipe", "seed"], how="outer")
+    base = per[per["recipe"] == baseline].set_index(["rung", "seed"])
+    rows = []
+    for r in per[per["recipe"] != baseline].itertuples():
+        if (r.rung, r.seed) not in base.index:
+            continue
+        b = base.loc[(r.rung, r.seed)]
+        rows.append({"rung": r.rung, "recipe": r.recipe, "seed": r.seed, "d_best": r.best_bpd - b["best_bpd"],
+                     "d_sensitivity": r.sensitivity - b["sensitivity"],
+                     "d_failed": r.failed_share - b["failed_share"]})  # fmt: skip
+    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "d_best", "d_sensitivity", "d_failed"])
+
+
+def trend(x, y, at: float, conf: float = CONF) -> dict[str, float]:
+    """OLS of ``y`` (n,) on ``x`` (n,) (here log10 of the model's weights): slope with its t interval on
+    n - 2 df, and the fitted value at ``x = at`` with its prediction interval for one new observation
+    there (an extrapolation when ``at`` lies outside x). NaN where n < 3 or x does not vary.
+
+    Returns slope, slope_lo, slope_hi, p (slope = 0, two-sided), at, predicted, pred_lo, pred_hi, n,
+    x_min, x_max."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    span = (float(x.min()), float(x.max())) if len(x) else (math.nan, math.nan)
+    out = {"slope": math.nan, "slope_lo": math.nan, "slope_hi": math.nan, "p": math.nan, "at": at,
+           "predicted": math.nan, "pred_lo": math.nan, "pred_hi": math.nan, "n": len(x), "x_min": span[0],
+           "x_max": span[1]}  # fmt: skip
+    if len(x) < 3 or np.ptp(x) == 0:
+        return out
+    n = len(x)
+    xm = x.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    slope = float(((x - xm) * (y - y.mean())).sum() / sxx)
+    intercept = float(y.mean() - slope * xm)
+    resid = y - (intercept + slope * x)
+    s = math.sqrt(float((resid**2).sum()) / (n - 2))
+    t = stats.t.ppf(0.5 + conf / 2, n - 2)
+    se_slope = s / math.sqrt(sxx)
+    se_pred = s * math.sqrt(1 + 1 / n + (at - xm) ** 2 / sxx)
+    predicted = intercept + slope * at
+    p = float(2 * stats.t.sf(abs(slope / se_slope), n - 2)) if se_slope > 0 else (0.0 if slope else 1.0)
+    out.update(slope=slope, slope_lo=slope - t * se_slope, slope_hi=slope + t * se_slope, p=p, predicted=predicted,
+               pred_lo=predicted - t * se_pred, pred_hi=predicted + t * se_pred)  # fmt: skip
+    return out
+
+
+def trends(diffs: pd.DataFrame, weights: dict[str, int], paper_weights: int) -> pd.DataFrame:
+    """For each recipe and each measure of ``differences``: the trend over log10(weights) of its per-seed
+    differences from the baseline, and the prediction at the paper's size (``paper_weights``), labelled
+    with the number of rungs it extrapolates from.
+
+    diffs: differences. weights: rung -> the model's parameter count. Returns one row per (recipe,
+    measure) with trend()'s columns, rungs, and measure in d_best / d_sensitivity / d_failed."""
+    rows = []
+    for recipe, g in diffs.groupby("recipe", sort=False):
+        x = np.log10([weights[r] for r in g["rung"]])
+        for measure in ("d_best", "d_sensitivity", "d_failed"):
+            fit = trend(x, g[measure], math.log10(paper_weights))
+            rows.append({"recipe": recipe, "measure": measure, "rungs": g["rung"].nunique(), **fit})
+    return pd.DataFrame(rows)
+
+
+UNIFORM_BPD = 8.0  # the uniform density over 256 levels: the cap where a model at initialisation scores worse
+
+
+def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
+    """The loss at initialisation of each (rung, recipe, seed): validation bits/dim (eval mode, fp32) of the
+    model its runs start from, rebuilt from a run's recorded config and seed (the learning rate does not
+    change a model at initialisation, and the build is deterministic for a seed on the CPU). A model that
+    scores worse than the uniform density's 8 bits/dim, or not finitely, at initialisation is capped at 8:
+    LR sensitivity then measures from a bar every recipe shares.
+
+    runs: collect_runs' runs of a ladder (variant, seed and every ``section.key`` param). splits: the
+    ImageSplits the runs trained on (study.data.load_splits). Returns columns rung, recipe, seed,
+    init_bpd (capped), raw_bpd (as evaluated), capped. Flows at initialisation often score above 8 bits/dim
+    (the zero-initialised identity flow leaves the logit-space density of the data), so the cap is the
+    usual case: the bar is then the one study.run.outcome's *trains badly* uses."""
+    import torch
+
+    from experiments.ladder import parse
+    from study.config import unflatten
+    from study.run.state import new_state
+    from study.run.step import evaluate
+
+    keys = [c for c in runs.columns if "." in c and c.split(".", 1)[0] in ("data", "model", "stabilizers", "train")]
+    rows, seen = [], set()
+    for _, row in runs.sort_values(["variant", "seed"]).iterrows():
+        rung, recipe, _ = parse(row["variant"])
+        cell = (rung, recipe, int(row["seed"]))
+        if cell in seen:
+            continue
+        seen.add(cell)
+        flat = {k: _plain(row[k]) for k in keys}
+        cfg = unflatten({**flat, "train.compile": "off", "train.threads": 0})
+        st = new_state(cfg, splits.shape, torch.device("cpu"))
+        bpd = evaluate(st.model, splits.val, cfg.train.eval_batch_size)
+        capped = not (math.isfinite(bpd) and bpd <= UNIFORM_BPD)
+        rows.append({"rung": rung, "recipe": recipe, "seed": cell[2], "init_bpd": UNIFORM_BPD if capped else bpd,
+                     "raw_bpd": bpd, "capped": capped})  # fmt: skip
+    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "init_bpd", "raw_bpd", "capped"])
+
+
+def _plain(value):
+    """A pandas cell back to a Python value (numpy scalars and NaN for a param some runs lack)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,147 @@
+"""The scale ladder's measures (analysis/transfer.py) against hand computations and statsmodels, on
+synthetic ladders whose answers are known."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import transfer
+
+LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+
+
+def _runs(table: dict[tuple[str, str, int], list[float | None]]) -> pd.DataFrame:
+    """Runs of a ladder: (rung, recipe, seed) -> final val bits/dim per learning rate, None = diverged."""
+    rows = []
+    for (rung, recipe, seed), values in table.items():
+        for lr, v in zip(LRS, values, strict=True):
+            rows.append({"variant": f"{rung}/{recipe}/lr{lr:g}", "seed": seed, "run_id": f"{rung}{recipe}{lr}{seed}",
+                         "result": "trained" if v is not None else "diverges in training",
+                         "val_bpd": v if v is not None else math.nan})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_curves_count_every_run_and_a_failure_has_no_figure():
+    runs = _runs({("16x2", "paper", 0): [5.0, 4.6, 4.3, 4.4, 4.9, None],
+                  ("8x2", "paper", 0): [5.1, 4.7, 4.4, 4.5, None, None]})  # fmt: skip
+    c = transfer.lr_curves(runs)
+    assert len(c) == 12 and list(c["rung"].unique()) == ["8x2", "16x2"]  # by size, not as text
+    assert c["failed"].sum() == 3 and c.loc[c["failed"], "val_bpd"].isna().all()
+    row = c[(c.rung == "16x2") & (c.lr == 3e-3)].iloc[0]
+    assert row["val_bpd"] == 4.4 and row["recipe"] == "paper" and not row["failed"]
+
+
+def test_largest_stable_lr_is_the_top_of_the_grid_where_every_seed_trained():
+    runs = _runs({("8x2", "paper", 0): [5.0, 4.6, 4.3, 4.4, 4.9, None],
+                  ("8x2", "paper", 1): [5.0, 4.6, 4.3, None, 4.8, None],  # one seed fails at 3e-3, recovers at 1e-2
+                  ("8x2", "seed-report-fp32", 0): [5.0, 4.6, 4.3, 4.4, 4.9, 5.5],
+                  ("8x2", "seed-report-fp32", 1): [5.0, 4.6, 4.3, 4.4, 4.9, 5.6]})  # fmt: skip
+    s = transfer.largest_stable_lr(transfer.lr_curves(runs)).set_index("recipe")
+    assert s.loc["paper", "largest_stable_lr"] == 1e-3 and s.loc["paper", "first_failing_lr"] == 3e-3
+    assert s.loc["paper", "failed_runs"] == 3 and not s.loc["paper", "stable_to_top"]
+    assert s.loc["seed-report-fp32", "largest_stable_lr"] == 3e-2 and s.loc["seed-report-fp32", "stable_to_top"]
+    assert math.isnan(s.loc["seed-report-fp32", "first_failing_lr"])
+
+
+def test_lr_sensitivity_by_hand():
+    """L = [5.0, 4.5, 4.2, 4.4, diverged, 7.0], L0 = 6.0: min(L, L0) = [5.0, 4.5, 4.2, 4.4, 6.0, 6.0],
+    best 4.2, sensitivity = mean([0.8, 0.3, 0, 0.2, 1.8, 1.8]) = 4.9 / 6."""
+    runs = _runs({("8x2", "paper", 0): [5.0, 4.5, 4.2, 4.4, None, 7.0],
+                  ("8x2", "paper", 1): [4.3, 4.3, 4.3, 4.3, 4.3, 4.3],  # flat: 0
+                  ("8x2", "exp+zero-init", 0): [None] * 6})  # fmt: skip
+    init = pd.DataFrame({"rung": "8x2", "recipe": ["paper", "paper", "exp+zero-init"], "seed": [0, 1, 0],
+                         "init_bpd": [6.0, 6.5, 6.0]})  # fmt: skip
+    s = transfer.lr_sensitivity(transfer.lr_curves(runs), init).set_index(["recipe", "seed"])
+    assert s.loc[("paper", 0), "sensitivity"] == pytest.approx(4.9 / 6)
+    assert s.loc[("paper", 0), "best_lr"] == 1e-3 and s.loc[("paper", 0), "best_bpd"] == 4.2
+    assert s.loc[("paper", 1), "sensitivity"] == pytest.approx(0.0)
+    assert math.isnan(s.loc[("exp+zero-init", 0), "sensitivity"])  # nothing trained: no best to measure from
+    agg = transfer.over_seeds(s.reset_index(), "sensitivity").set_index("recipe")
+    assert agg.loc["paper", "mean"] == pytest.approx(4.9 / 12) and agg.loc["paper", "n"] == 2
+    half = 12.706204736 * np.std([4.9 / 6, 0.0], ddof=1) / math.sqrt(2)  # t(0.975, 1 df)
+    assert agg.loc["paper", "ci_hi"] - agg.loc["paper", "mean"] == pytest.approx(half, rel=1e-6)
+
+
+def test_differences_pair_each_recipe_with_the_baseline_by_seed():
+    runs = _runs({("8x2", "seed-report-fp32", 0): [5.0, 4.6, 4.3, 4.4, 4.9, 5.5],
+                  ("8x2", "paper", 0): [4.9, 4.5, 4.1, 4.2, None, None]})  # fmt: skip
+    curves = transfer.lr_curves(runs)
+    init = pd.DataFrame({"rung": "8x2", "recipe": ["seed-report-fp32", "paper"], "seed": 0, "init_bpd": 6.0})
+    d = transfer.differences(curves, transfer.lr_sensitivity(curves, init)).iloc[0]
+    assert d["recipe"] == "paper" and d["d_best"] == pytest.approx(4.1 - 4.3)
+    assert d["d_failed"] == pytest.approx(2 / 6)
+    base = np.mean([0.7, 0.3, 0.0, 0.1, 0.6, 1.2])
+    paper = np.mean([0.8, 0.4, 0.0, 0.1, 1.9, 1.9])
+    assert d["d_sensitivity"] == pytest.approx(paper - base)
+
+
+def test_the_trend_and_its_prediction_agree_with_statsmodels():
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(0)
+    x = np.repeat(np.log10([2.0e4, 8.0e4, 3.2e5]), 2)
+    y = 0.05 - 0.03 * x + rng.normal(0, 0.01, len(x))
+    at = math.log10(1.9e7)
+    fit = transfer.trend(x, y, at)
+    ols = sm.OLS(y, sm.add_constant(x)).fit()
+    assert fit["slope"] == pytest.approx(ols.params[1])
+    lo, hi = ols.conf_int(0.05)[1]
+    assert (fit["slope_lo"], fit["slope_hi"]) == pytest.approx((lo, hi))
+    assert fit["p"] == pytest.approx(ols.pvalues[1])
+    pred = ols.get_prediction(np.array([[1.0, at]])).summary_frame(alpha=0.05).iloc[0]
+    assert fit["predicted"] == pytest.approx(pred["mean"])
+    assert (fit["pred_lo"], fit["pred_hi"]) == pytest.approx((pred["obs_ci_lower"], pred["obs_ci_upper"]))
+    assert fit["n"] == 6 and fit["x_max"] < at  # an extrapolation: the paper's size lies past the rungs
+
+
+def test_a_trend_needs_three_points_and_a_spread():
+    assert math.isnan(transfer.trend([1.0, 2.0], [0.1, 0.2], 3.0)["slope"])
+    assert math.isnan(transfer.trend([1.0, 1.0, 1.0], [0.1, 0.2, 0.3], 3.0)["slope"])
+
+
+def test_trends_recover_a_planted_slope_per_recipe():
+    weights = {"8x2": 20_000, "16x2": 80_000, "32x2": 320_000}
+    rows = []
+    for rung, w in weights.items():
+        for seed in (0, 1):
+            lw = math.log10(w)
+            rows.append({"rung": rung, "recipe": "paper", "seed": seed, "d_best": -0.1 * lw + 0.001 * seed,
+                         "d_sensitivity": 0.2, "d_failed": 0.0})  # fmt: skip
+    t = transfer.trends(pd.DataFrame(rows), weights, 19_000_000).set_index("measure")
+    assert t.loc["d_best", "slope"] == pytest.approx(-0.1, abs=1e-9) and t.loc["d_best", "rungs"] == 3
+    assert t.loc["d_best", "predicted"] == pytest.approx(-0.1 * math.log10(19e6) + 0.0005, abs=1e-9)
+    assert t.loc["d_sensitivity", "slope"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_loss_at_initialisation_is_the_seeds_model_before_any_step():
+    """Rebuilt from the runs' recorded configs: one figure per (rung, recipe, seed) whatever the learning
+    rate, equal to evaluating study.run.state.new_state's model directly, and capped at 8 bits/dim."""
+    import torch
+
+    from experiments.presets import preset_config
+    from study.config import apply_values, flatten
+    from study.data import load_splits
+    from study.run.state import new_state
+    from study.run.step import evaluate
+    from tests.conftest import TINY_RUN
+
+    base = apply_values(preset_config("demo"), {**TINY_RUN, "data.train_limit": 64})
+    rows = []
+    for seed in (0, 1):
+        for lr in (1e-4, 1e-2):
+            cfg = apply_values(base, {"train.seed": seed, "train.lr": lr, "stabilizers.zero_init": False})
+            rows.append({"variant": f"8x2/paper/lr{lr:g}", "seed": seed, "run_id": f"{seed}-{lr}", **flatten(cfg)})
+    runs = pd.DataFrame(rows)
+    splits = load_splits(base.data)
+    init = transfer.init_losses(runs, splits)
+    assert len(init) == 2 and list(init["seed"]) == [0, 1]
+    direct = new_state(apply_values(base, {"train.seed": 1, "stabilizers.zero_init": False}), splits.shape,
+                       torch.device("cpu"))  # fmt: skip
+    assert init.loc[1, "raw_bpd"] == pytest.approx(evaluate(direct.model, splits.val, base.train.eval_batch_size))
+    assert init.loc[0, "raw_bpd"] != init.loc[1, "raw_bpd"]  # a seed's own random initialisation
+    for r in init.itertuples():
+        assert r.init_bpd == min(r.raw_bpd, transfer.UNIFORM_BPD) and r.capped == (r.raw_bpd > transfer.UNIFORM_BPD)
