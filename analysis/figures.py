@@ -222,3 +222,69 @@ def long_run(history: pd.DataFrame, path: Path, window: int = 40) -> Path:
     fig.suptitle(f"train (dashed, train mode) and validation (solid, eval mode) bits/dim; shaded: the last {window} "
                  "epochs")  # fmt: skip
     return _save(fig, path)
+
+
+def _recipe_colors(recipes) -> dict[str, tuple]:
+    return dict(zip(recipes, sns.color_palette("tab10", len(recipes)), strict=True))
+
+
+def ladder_curves(curves: pd.DataFrame, path: Path, cap: float = 8.0) -> Path:
+    """Wortsman et al.'s Figure 1 for the ladder: final validation bits/dim against the learning rate (log
+    x), one panel per rung, one line per recipe through the mean over the seeds that trained, a dot per
+    seed. A run that did not train is an x at ``cap`` (the uniform density's 8 bits/dim, where LR
+    sensitivity scores it), so a failure is drawn, never dropped; a trained value above the cap is drawn
+    at the cap too. curves: analysis.transfer.lr_curves (rung, recipe, lr, seed, val_bpd, failed)."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    rungs = list(dict.fromkeys(curves["rung"]))
+    recipes = list(dict.fromkeys(curves.sort_values("recipe")["recipe"]))
+    colors = _recipe_colors(recipes)
+    fig, axes = plt.subplots(1, len(rungs), figsize=(4.6 * len(rungs), 4.4), sharey=True, squeeze=False)
+    offsets = dict(zip(recipes, np.linspace(-0.06, 0.06, len(recipes)), strict=True))  # in log10(lr): no overlap
+    for ax, rung in zip(axes[0], rungs, strict=True):
+        for recipe in recipes:
+            c = curves[(curves["rung"] == rung) & (curves["recipe"] == recipe)]
+            x = c["lr"] * 10 ** offsets[recipe]
+            ok = c[~c["failed"]]
+            mean = ok.groupby("lr")["val_bpd"].mean().clip(upper=cap)
+            ax.plot(mean.index * 10 ** offsets[recipe], mean.to_numpy(), color=colors[recipe], label=recipe, lw=1.6)
+            ax.scatter(x[~c["failed"]], c.loc[~c["failed"], "val_bpd"].clip(upper=cap), color=colors[recipe], s=18)
+            ax.scatter(x[c["failed"]], np.full(int(c["failed"].sum()), cap), color=colors[recipe], marker="x", s=45)
+        ax.set_xscale("log")
+        ax.set_title(f"{rung} (maps x blocks)")
+        ax.set_xlabel("learning rate")
+        ax.axhline(cap, color="0.5", lw=0.8, ls=":")
+    axes[0, 0].set_ylabel(f"final validation bits/dim (x: did not train, drawn at {cap:g})")
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    fig.suptitle("learning rate against bits/dim per model size: line = mean over seeds that trained, dot = a seed")
+    return _save(fig, path)
+
+
+def ladder_sensitivity(per_seed: pd.DataFrame, summary: pd.DataFrame, weights: dict[str, int], path: Path) -> Path:
+    """LR sensitivity against the model's weights (log x), one line per recipe: the mean over seeds with its
+    95% t interval as a bar, a dot per seed. per_seed: analysis.transfer.lr_sensitivity; summary:
+    analysis.transfer.over_seeds of it; weights: rung -> parameter count."""
+    sns.set_theme(style="whitegrid", context="notebook")
+    recipes = list(dict.fromkeys(summary.sort_values("recipe")["recipe"]))
+    colors = _recipe_colors(recipes)
+    offsets = dict(zip(recipes, np.linspace(0.97, 1.03, len(recipes)), strict=True))
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for recipe in recipes:
+        s = summary[summary["recipe"] == recipe]
+        x = np.array([weights[r] for r in s["rung"]], dtype=float) * offsets[recipe]
+        lo, hi = s["ci_lo"].to_numpy(dtype=float), s["ci_hi"].to_numpy(dtype=float)
+        mean = s["mean"].to_numpy(dtype=float)
+        err = np.vstack([mean - lo, hi - mean])
+        ax.errorbar(x, mean, yerr=np.where(np.isfinite(err), err, 0), color=colors[recipe], label=recipe, marker="o",
+                    capsize=3, lw=1.4)  # fmt: skip
+        p = per_seed[per_seed["recipe"] == recipe]
+        ax.scatter(np.array([weights[r] for r in p["rung"]], dtype=float) * offsets[recipe], p["sensitivity"],
+                   color=colors[recipe], s=12, alpha=0.6)  # fmt: skip
+    if np.isfinite(per_seed["sensitivity"].to_numpy(dtype=float)).any():
+        ax.set_xscale("log")
+    else:  # no seed trained at any learning rate of any rung: nothing to measure from, and said so
+        ax.text(0.5, 0.5, "no run trained: LR sensitivity is undefined", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("model weights (parameters)")
+    ax.set_ylabel("LR sensitivity (bits/dim)")
+    ax.set_title("LR sensitivity against size: mean over seeds, 95% t interval (1 df at 2 seeds), dot = a seed")
+    ax.legend(loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    return _save(fig, path)

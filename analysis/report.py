@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import figures, longrun_section
+from analysis import figures, longrun_section, transfer_section
 from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
 from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_p, md_table
@@ -97,6 +97,7 @@ def collect_study(store, experiment: str, window: int, data: dict[str, str] | No
     runs = all_runs[all_runs["excluded"] == ""].reset_index(drop=True)
     history = all_history[all_history["run_id"].isin(set(runs["run_id"]))].reset_index(drop=True)
     factorial = None
+    ladder = transfer_section.is_ladder(name)  # its measures are curves over the grid: analysis.transfer_section
     if name in FACTORIAL_STUDIES:
         from analysis.factorial import bpd_effects, coded, failure_effects
 
@@ -104,7 +105,8 @@ def collect_study(store, experiment: str, window: int, data: dict[str, str] | No
         factorial = (failure_effects(done), bpd_effects(done), coded(done))
         comparisons = pd.DataFrame()
     else:
-        comparisons = family_comparisons(runs, history, families(name))
+        comparisons = pd.DataFrame() if ladder else family_comparisons(runs, history, families(name))
+    run_audit = run_audit and not ladder
     if run_audit:
         say("diagnosis and accounting audit: re-evaluating checkpoints on the data")
     diag = diagnosis.diagnose(runs, history, store, data) if run_audit else (None, "not run (--no-audit)")
@@ -171,10 +173,15 @@ def _header(st: Study, command: str) -> list[str]:
     lines = [f"# Real NVP stabilizer study: {st.experiment}", "", *_unfinished(st),
              f"Generated from MLflow by `{command or 'python run_study.py report'}`. Do not edit by hand: "
              "re-running the command rewrites this file and figures/ identically.", ""]  # fmt: skip
+    if transfer_section.is_ladder(st.study):
+        sizes = sorted({(int(a), int(b)) for a, b in zip(runs["model.mid_channels"], runs["model.num_blocks"], strict=True)})
+        model = f"{', '.join(f'{a}x{b}' for a, b in sizes)} feature maps x residual blocks (the ladder's rungs)"
+    else:
+        model = (f"{int(first.get('model.mid_channels', 0))} feature maps, {int(first.get('model.num_blocks', 0))} residual "
+                 "blocks")  # fmt: skip
     if first.get("preset") != "paper":
         lines += [f"> **Reduced scale.** Preset `{first.get('preset')}`: {int(first.get('model.num_scales', 0))} scales, "
-                  f"{int(first.get('model.mid_channels', 0))} feature maps, {int(first.get('model.num_blocks', 0))} residual "
-                  f"blocks, {', '.join(map(str, epochs))} epochs, batch {int(first.get('train.batch_size', 0))}, "
+                  f"{model}, {', '.join(map(str, epochs))} epochs, batch {int(first.get('train.batch_size', 0))}, "
                   f"{_images(first)}. The paper trains 64 maps x 8 blocks for 100 epochs on 50,000 images. Numbers here are "
                   "comparable with each other, **not with the paper's 3.49**: no equivalence test against it is made.", ""]  # fmt: skip
     provenance = "all from one clean commit" if len(commits) == 1 and not dirty else f"{dirty} runs from modified trees"
@@ -540,17 +547,47 @@ def generate_report(
     Raises analysis.collect.NoRunsError (a one-line message) when there is nothing to report."""
     st = collect_study(store, experiment, window, data, run_audit, lr_experiment, say)
     st = dataclasses.replace(st, beside=beside)
-    say("figures")
     fig_dir = out / "figures"
-    _figures(st, fig_dir, store)
-    say("tables and text")
-    lines = [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_long_run(st), *_families(st),
-             *_precision(st), *_factorial(st),
-             *_figure_sections(fig_dir), *_diagnosis_section(st), *_audit_section(st), *_lr_section(st.lr_trials),
-             *_closing(st)]  # fmt: skip
+    if transfer_section.is_ladder(st.study):
+        lines = _ladder(st, store, fig_dir, data, command, say)
+    else:
+        say("figures")
+        _figures(st, fig_dir, store)
+        say("tables and text")
+        lines = _study(st, fig_dir, command)
     readme = out / "README.md"
     readme.write_text("\n".join(lines))
     if log_to_parent and len(st.parents):
         for parent in st.parents["run_id"]:
             store.log_artifacts(parent, out, schema.REPORT_DIR)
     return readme
+
+
+def _ladder(st: Study, store, fig_dir: Path, data: dict[str, str] | None, command: str, say) -> list[str]:
+    """A scale ladder's report (analysis.transfer_section): its own sections in place of the per-variant
+    ones, which would list 144 cells one by one."""
+    db = store.sqlite_file()  # the GPU check's table is committed beside a study's mlflow.db
+    say("ladder measures: the losses at initialisation rebuilt from the runs' configs")
+    m = transfer_section.measure(st.runs, data, db.parent / transfer_section.PAPER_CHECK if db else None)
+    say("figures")
+    if fig_dir.exists():
+        shutil.rmtree(fig_dir)
+    fig_dir.mkdir(parents=True)
+    transfer_section.draw(m, fig_dir)
+    epochs = sorted({int(e) for e in st.runs.get("train.epochs", st.runs["epochs"])})
+    out = st.all_runs[st.all_runs["excluded"] != ""]
+    return [*_header(st, command), *transfer_section.sections(m, epochs),
+            "## What these runs support", "", "Each sentence comes from a typed, Holm-corrected slope verdict; the "
+            "prediction is labelled as the extrapolation it is.", "", *transfer_section.findings(m), "",
+            "## What these runs cannot say", "", *transfer_section.cannot_say(m), "",
+            "## Runs", "",
+            _md(st.runs[["variant", "seed", "result", "epochs", "run_id"]].assign(
+                result=st.runs["result"].replace("", "did not end"), val_bpd=st.runs["val_bpd"].map(_fmt), test_bpd=st.runs["test_bpd"].map(_fmt))), "",
+            *(["Not pooled:", "", _md(out[["variant", "seed", "outcome", "run_id", "excluded"]]), ""] if len(out) else [])]  # fmt: skip
+
+
+def _study(st: Study, fig_dir: Path, command: str) -> list[str]:
+    return [*_header(st, command), *_results(st), *_counted(st), *_variants(st), *_long_run(st), *_families(st),
+             *_precision(st), *_factorial(st),
+             *_figure_sections(fig_dir), *_diagnosis_section(st), *_audit_section(st), *_lr_section(st.lr_trials),
+             *_closing(st)]  # fmt: skip

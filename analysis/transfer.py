@@ -142,15 +142,16 @@ def trend(x, y, at: float, conf: float = CONF) -> dict[str, float]:
     n - 2 df, and the fitted value at ``x = at`` with its prediction interval for one new observation
     there (an extrapolation when ``at`` lies outside x). NaN where n < 3 or x does not vary.
 
-    Returns slope, slope_lo, slope_hi, p (slope = 0, two-sided), at, predicted, pred_lo, pred_hi, n,
-    x_min, x_max."""
+    Returns slope, slope_lo, slope_hi, se (of the slope), df, p (slope = 0, two-sided), at, predicted,
+    pred_lo, pred_hi, n, x_min, x_max."""
     from scipy import stats
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     span = (float(x.min()), float(x.max())) if len(x) else (math.nan, math.nan)
-    out = {"slope": math.nan, "slope_lo": math.nan, "slope_hi": math.nan, "p": math.nan, "at": at,
+    out = {"slope": math.nan, "slope_lo": math.nan, "slope_hi": math.nan, "se": math.nan, "df": len(x) - 2,
+           "p": math.nan, "at": at,
            "predicted": math.nan, "pred_lo": math.nan, "pred_hi": math.nan, "n": len(x), "x_min": span[0],
            "x_max": span[1]}  # fmt: skip
     if len(x) < 3 or np.ptp(x) == 0:
@@ -167,8 +168,8 @@ def trend(x, y, at: float, conf: float = CONF) -> dict[str, float]:
     se_pred = s * math.sqrt(1 + 1 / n + (at - xm) ** 2 / sxx)
     predicted = intercept + slope * at
     p = float(2 * stats.t.sf(abs(slope / se_slope), n - 2)) if se_slope > 0 else (0.0 if slope else 1.0)
-    out.update(slope=slope, slope_lo=slope - t * se_slope, slope_hi=slope + t * se_slope, p=p, predicted=predicted,
-               pred_lo=predicted - t * se_pred, pred_hi=predicted + t * se_pred)  # fmt: skip
+    out.update(slope=slope, slope_lo=slope - t * se_slope, slope_hi=slope + t * se_slope, se=se_slope, p=p,
+               predicted=predicted, pred_lo=predicted - t * se_pred, pred_hi=predicted + t * se_pred)  # fmt: skip
     return out
 
 
@@ -185,7 +186,104 @@ def trends(diffs: pd.DataFrame, weights: dict[str, int], paper_weights: int) -> 
         for measure in ("d_best", "d_sensitivity", "d_failed"):
             fit = trend(x, g[measure], math.log10(paper_weights))
             rows.append({"recipe": recipe, "measure": measure, "rungs": g["rung"].nunique(), **fit})
-    return pd.DataFrame(rows)
+    columns = ["recipe", "measure", "rungs", *trend([], [], 0.0)]  # an unfinished ladder may have no pair yet
+    return pd.DataFrame(rows, columns=columns)
+
+
+# per decade of weights, the slope inside which a recipe's difference from the baseline counts as not
+# moving with size: the reports' equivalence margin (0.05 bits/dim, analysis.report) for the two measures
+# in bits/dim, and a tenth of the grid for the failure share (under one of the 6 learning rates)
+SLOPE_MARGINS = {"d_best": 0.05, "d_sensitivity": 0.05, "d_failed": 0.1}
+
+
+def slope_verdicts(fits: pd.DataFrame, margins: dict[str, float] = SLOPE_MARGINS, alpha: float = 0.05) -> pd.DataFrame:
+    """``fits`` (trends' rows) with each slope's typed verdict, Holm-adjusted over every row that has a fit:
+    *grows with size* / *shrinks with size* (the difference from the baseline; Holm p <= alpha),
+    *equivalent within +-m per decade* (two one-sided t tests of the slope against the measure's margin,
+    Holm-adjusted the same way), else *inconclusive*. Adds columns p_holm, margin, tost_p, tost_p_holm,
+    verdict."""
+    from scipy import stats
+
+    from analysis.stats import holm
+
+    out = fits.copy()
+    out["margin"] = out["measure"].map(margins)
+    fitted = np.isfinite(out["p"].to_numpy(dtype=float))
+    tost = []
+    for r in out.itertuples():
+        if not (math.isfinite(r.se) and r.df > 0):
+            tost.append(math.nan)
+        elif r.se == 0:
+            tost.append(0.0 if abs(r.slope) < r.margin else 1.0)
+        else:
+            lower = stats.t.sf((r.slope + r.margin) / r.se, r.df)  # H0: slope <= -m
+            upper = stats.t.cdf((r.slope - r.margin) / r.se, r.df)  # H0: slope >= +m
+            tost.append(float(max(lower, upper)))
+    out["tost_p"] = tost
+    out["p_holm"] = holm(np.where(fitted, out["p"], math.nan))
+    out["tost_p_holm"] = holm(np.where(fitted, out["tost_p"], math.nan))
+    verdicts = []
+    for r in out.itertuples():
+        if not math.isfinite(r.p_holm):
+            verdicts.append(f"inconclusive: no fit ({r.n} points)")
+        elif r.p_holm <= alpha:
+            verdicts.append("grows with size" if r.slope > 0 else "shrinks with size")
+        elif r.tost_p_holm <= alpha:
+            verdicts.append(f"equivalent within ±{r.margin:g} per decade")
+        else:
+            verdicts.append(f"inconclusive: slope interval wider than ±{r.margin:g} per decade")
+    out["verdict"] = verdicts
+    return out
+
+
+PAPER_CHECK_COLUMNS = ("recipe", "lr", "lr_multiple", "maps", "blocks", "result", "steps", "train_bpd", "val_bpd",
+                       "max_grad_norm", "seconds", "device", "date", "commit")  # fmt: skip
+
+
+def paper_check_table(runs: pd.DataFrame, history: pd.DataFrame, train_images: int, date: str) -> pd.DataFrame:
+    """The GPU check's paper-size stability table from its runs (experiments.ladder.PAPER_CHECK cells): one
+    row per run, PAPER_CHECK_COLUMNS (maps and blocks: the size it ran at). ``steps``: the updates its
+    epochs made (train_images // batch per epoch: study.data.train_batches drops the last incomplete
+    batch); ``train_bpd``: the last epoch's train bits/dim (train mode); ``val_bpd``: the last validation
+    (NaN for a run that did not train); ``max_grad_norm``: the largest per-epoch maximum of the gradient
+    norm before clipping; ``seconds``: its epochs' time.
+
+    runs, history: analysis.collect.collect_runs' of the check's experiment. train_images: the training split's
+    size. date: when it ran (ISO date), written into every row with the device and commit."""
+    from experiments.ladder import SEED_REPORT_LR, parse
+
+    runs = with_result(runs)
+    rows = []
+    for _, r in runs.sort_values(["variant", "seed"]).iterrows():
+        _, recipe, lr = parse(r["variant"])
+        h = history[history["run_id"] == r["run_id"]].sort_values("epoch")
+        per_epoch = train_images // min(int(r["train.batch_size"]), train_images) if train_images else 0
+        result = r["result"] or "did not end"
+        rows.append({"recipe": recipe, "lr": lr, "lr_multiple": round(lr / SEED_REPORT_LR, 6),
+                     "maps": int(r["model.mid_channels"]), "blocks": int(r["model.num_blocks"]), "result": result,
+                     "steps": int(len(h)) * per_epoch,
+                     "train_bpd": float(h["train_bpd"].iloc[-1]) if len(h) else math.nan,
+                     "val_bpd": float(r["val_bpd"]) if result == "trained" else math.nan,
+                     "max_grad_norm": float(h["grad_norm_max"].max()) if len(h) else math.nan,
+                     "seconds": round(float(h["epoch_seconds"].sum()), 1) if len(h) else math.nan,
+                     "device": r["device"], "date": date, "commit": r["git_commit"]})  # fmt: skip
+    return pd.DataFrame(rows, columns=list(PAPER_CHECK_COLUMNS))
+
+
+def read_paper_check(path) -> pd.DataFrame | None:
+    """The GPU check's paper-size stability table (scripts/gpu/check.sh, step paper-stability), or None when
+    ``path`` does not exist. Columns PAPER_CHECK_COLUMNS, one row per (recipe, learning rate); a file
+    without them raises ValueError naming the missing ones."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return None
+    table = pd.read_csv(path)
+    missing = [c for c in PAPER_CHECK_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: not a paper-stability table (missing {', '.join(missing)}); rewrite it with "
+                         "scripts/gpu/check.sh (CHECK_ONLY=paper-stability)")  # fmt: skip
+    return table.sort_values(["recipe", "lr"]).reset_index(drop=True)
 
 
 UNIFORM_BPD = 8.0  # the uniform density over 256 levels: the cap where a model at initialisation scores worse
@@ -200,17 +298,19 @@ def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
 
     runs: collect_runs' runs of a ladder (variant, seed and every ``section.key`` param). splits: the
     ImageSplits the runs trained on (study.data.load_splits). Returns columns rung, recipe, seed,
-    init_bpd (capped), raw_bpd (as evaluated), capped. Flows at initialisation often score above 8 bits/dim
-    (the zero-initialised identity flow leaves the logit-space density of the data), so the cap is the
-    usual case: the bar is then the one study.run.outcome's *trains badly* uses."""
+    init_bpd (capped), raw_bpd (as evaluated), capped, weights (the model's parameter count). Flows at
+    initialisation often score above 8 bits/dim (the zero-initialised identity flow leaves the logit-space
+    density of the data), so the cap is the usual case: the bar is then the one study.run.outcome's *trains
+    badly* uses."""
     import torch
 
     from experiments.ladder import parse
     from study.config import unflatten
+    from study.flows.realnvp import num_parameters
     from study.run.state import new_state
     from study.run.step import evaluate
 
-    keys = [c for c in runs.columns if "." in c and c.split(".", 1)[0] in ("data", "model", "stabilizers", "train")]
+    keys = config_keys(runs)
     rows, seen = [], set()
     for _, row in runs.sort_values(["variant", "seed"]).iterrows():
         rung, recipe, _ = parse(row["variant"])
@@ -218,17 +318,43 @@ def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
         if cell in seen:
             continue
         seen.add(cell)
-        flat = {k: _plain(row[k]) for k in keys}
+        flat = {k: plain_value(row[k]) for k in keys}
         cfg = unflatten({**flat, "train.compile": "off", "train.threads": 0})
         st = new_state(cfg, splits.shape, torch.device("cpu"))
         bpd = evaluate(st.model, splits.val, cfg.train.eval_batch_size)
         capped = not (math.isfinite(bpd) and bpd <= UNIFORM_BPD)
         rows.append({"rung": rung, "recipe": recipe, "seed": cell[2], "init_bpd": UNIFORM_BPD if capped else bpd,
-                     "raw_bpd": bpd, "capped": capped})  # fmt: skip
-    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "init_bpd", "raw_bpd", "capped"])
+                     "raw_bpd": bpd, "capped": capped, "weights": num_parameters(st.model)})  # fmt: skip
+    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "init_bpd", "raw_bpd", "capped", "weights"])
 
 
-def _plain(value):
+def config_keys(runs: pd.DataFrame) -> list[str]:
+    return [c for c in runs.columns if "." in c and c.split(".", 1)[0] in ("data", "model", "stabilizers", "train")]
+
+
+def weights_at(runs: pd.DataFrame, recipe: str, maps: int, blocks: int) -> int:
+    """The parameter count of ``recipe``'s model (as its lowest-seed run recorded it) at ``maps`` x
+    ``blocks``: the paper's size is 64 x 8 (its preset; the ladder keeps the paper's 2 scales). Any
+    recipe's run stands in while ``recipe`` has none (an unfinished ladder).
+
+    runs: collect_runs' runs of a ladder, with every ``section.key`` param."""
+    import torch
+
+    from experiments.ladder import parse
+    from study.config import unflatten
+    from study.flows.realnvp import num_parameters
+    from study.model import build_model
+
+    mine = runs[[parse(v)[1] == recipe for v in runs["variant"]]].sort_values(["seed", "variant"])
+    mine = mine if len(mine) else runs.sort_values(["seed", "variant"])  # none of it yet: the size is what counts
+    flat = {k: plain_value(mine.iloc[0][k]) for k in config_keys(runs)}
+    cfg = unflatten({**flat, "model.mid_channels": maps, "model.num_blocks": blocks, "train.compile": "off",
+                     "train.threads": 0})  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # a count: the global random state is left as it was
+        return num_parameters(build_model(cfg, in_channels=3, image_size=32))
+
+
+def plain_value(value):
     """A pandas cell back to a Python value (numpy scalars and NaN for a param some runs lack)."""
     if isinstance(value, np.generic):
         return value.item()

@@ -87,3 +87,23 @@ def cost(plan, images_per_s: dict[str, float], workers: int, train_images: int) 
     rows.append({"rung": "all", "cells": len(plan.cells), "images a cell trains on": "",
                  "train images/s (measured)": "", "hours (over workers)": hours})  # fmt: skip
     return rows
+
+
+# The check at the paper's size, for a GPU (scripts/gpu/check.sh, step paper-stability): each recipe at the
+# seed report's learning rate and at 3x and 10x it, for the steps a short run takes. The size is the
+# preset's (`paper`: 64 maps x 8 blocks), not the variant's, so the CPU rehearsal shrinks it with --set.
+SEED_REPORT_LR = 1e-3  # the seed report's Adam learning rate, every committed study's
+PAPER_CHECK_MULTIPLES = (1, 3, 10)
+PAPER_CHECK_RUNG = "paper-size"  # a cell's variant is ``paper-size/RECIPE/lrLR`` (parse() reads it)
+
+
+def _paper_cell(recipe: tuple[str, str, dict], k: int) -> Variant:
+    lr = SEED_REPORT_LR * k
+    return Variant(cell_name(PAPER_CHECK_RUNG, recipe[0], lr), f"{recipe[1]}; the preset's size; lr {lr:g} ({k}x the "
+                   "seed report's)", {**CHRISCHUTE, **recipe[2], "train.lr": lr})  # fmt: skip
+
+
+PAPER_CHECK: tuple[Variant, ...] = tuple(_paper_cell(recipe, k) for recipe in RECIPES for k in PAPER_CHECK_MULTIPLES)
+PAPER_CHECK_FAMILIES: tuple[Family, ...] = (
+    Family("paper size", "at the paper's size, which recipes stay finite at 1x, 3x and 10x the seed report's learning "
+           "rate?", "design", tuple(v.name for v in PAPER_CHECK)),)  # fmt: skip

@@ -24,12 +24,14 @@ STUDIES: dict[str, tuple[Variant, ...]] = {
     "factorial-full": factorial.FULL,
     "long-run": LONG_RUN,
     "transfer": ladder.TRANSFER,
+    "paper-stability": ladder.PAPER_CHECK,
 }
 STUDY_FAMILIES: dict[str, tuple[Family, ...]] = {
     "stabilizers": FAMILIES,
     "headline": HEADLINE_FAMILIES,
     "long-run": LONG_RUN_FAMILIES,
     "transfer": ladder.TRANSFER_FAMILIES,
+    "paper-stability": ladder.PAPER_CHECK_FAMILIES,
     # a factorial has no baseline: every cell is read together ("design")
     **{name: (Family(name, "every main effect and two-factor interaction", "design",
                      tuple(v.name for v in cells)),)
@@ -46,6 +48,8 @@ STUDY_DESCRIPTIONS = {
                 "(preset cifar-long)",
     "transfer": "the scale ladder: 4 recipes x 6 learning rates at 3 model sizes (8x2, 16x2, 32x2), fp32 "
                 "(preset ladder): do the verdicts transfer toward the paper's size?",
+    "paper-stability": "the ladder's 4 recipes at 1x, 3x and 10x the seed report's learning rate, at the preset's size "
+                       "(paper: 64x8), for a GPU (scripts/gpu/check.sh, step paper-stability)",
 }
 # studies whose --dry-run also prints each rung's cost from a measured step time (experiments/ladder.py)
 RUNGS = {"transfer": ladder.RUNGS}

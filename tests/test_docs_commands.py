@@ -35,6 +35,8 @@ OTHER = {  # a command's start -> what runs it instead
     "torchrun": "several processes or GPUs (tests/test_distributed.py runs torchrun on the CPU)",
     "PY=.venv/bin/python bash scripts/gpu/check.sh": "a GPU: scripts/gpu/rehearse.sh rehearses the check on the CPU",
     "bash scripts/gpu/": "the GPU check's bundle and rehearsal (minutes, a network)",
+    "CHECK_ONLY=paper-stability,paper-stability-table bash scripts/gpu/check.sh":
+        "a GPU: tests/test_transfer_report.py rehearses these two steps on the CPU",
 }
 PARSE_ONLY = {  # a substring of a project command -> why it is parsed but not run here
     "--device cuda": "needs a GPU (scripts/gpu/check.sh runs these on one)",

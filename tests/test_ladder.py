@@ -96,3 +96,16 @@ def test_the_dry_run_prints_the_cells_and_each_rungs_cost(monkeypatch, tmp_path)
     table = out.output[out.output.index("hours (over workers)"):].splitlines()
     assert [line.split()[0] for line in table[1:5]] == ["8x2", "16x2", "32x2", "all"]
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_the_paper_size_check_is_each_recipe_at_1_3_and_10x_the_seed_reports_rate_at_the_presets_size():
+    cells = STUDIES["paper-stability"]
+    assert len(cells) == len(ladder.RECIPES) * 3 and len({v.name for v in cells}) == len(cells)
+    ladder_recipes = {ladder.parse(v.name)[1]: _cfg(v).stabilizers for v in STUDIES["transfer"]}
+    for v in cells:
+        rung, recipe, lr = ladder.parse(v.name)
+        cfg = apply_values(preset_config("paper"), v.overrides)
+        assert rung == "paper-size" and lr in (1e-3, 3e-3, 1e-2) and cfg.train.lr == lr
+        assert (cfg.model.mid_channels, cfg.model.num_blocks) == (64, 8)  # the paper's, from the preset
+        assert not any(k.startswith("model.") for k in v.overrides), "the CPU rehearsal shrinks the size with --set"
+        assert cfg.stabilizers == ladder_recipes[recipe], f"{v.name}: not the ladder's {recipe}"

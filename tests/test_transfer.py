@@ -145,3 +145,81 @@ def test_the_loss_at_initialisation_is_the_seeds_model_before_any_step():
     assert init.loc[0, "raw_bpd"] != init.loc[1, "raw_bpd"]  # a seed's own random initialisation
     for r in init.itertuples():
         assert r.init_bpd == min(r.raw_bpd, transfer.UNIFORM_BPD) and r.capped == (r.raw_bpd > transfer.UNIFORM_BPD)
+
+
+def _null_ladder(rng, slope: float, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ladder's design: 3 rungs 4x apart in weights, 2 seeds each; y = slope * log10(w) + noise."""
+    x = np.repeat(np.log10([94_436, 331_516, 1_234_220]), 2)
+    return x, slope * x + rng.normal(0.0, noise, len(x))
+
+
+def test_the_slope_test_keeps_its_error_rate_and_its_interval_covers():
+    """No planted slope: the two-sided t test rejects at about 5% (3,000 ladders, inside the 99.9% binomial
+    band); a planted one: the 95% interval covers it at about 95%; a large one is found nearly always."""
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    null = [transfer.trend(*_null_ladder(rng, 0.0, 0.05), at=7.27) for _ in range(n)]
+    rejected = sum(f["p"] <= 0.05 for f in null)
+    lo, hi = stats.binom.ppf([0.0005, 0.9995], n, 0.05)
+    assert lo <= rejected <= hi, rejected
+    planted = [transfer.trend(*_null_ladder(rng, 0.2, 0.05), at=7.27) for _ in range(n)]
+    covered = sum(f["slope_lo"] <= 0.2 <= f["slope_hi"] for f in planted)
+    lo, hi = stats.binom.ppf([0.0005, 0.9995], n, 0.95)
+    assert lo <= covered <= hi, covered
+    assert sum(f["p"] <= 0.05 for f in planted) / n > 0.9  # 0.2 per decade against 0.05 noise: power near 1
+    # the prediction interval for one new point at the paper's size covers a fresh draw there at ~95%
+    hits = 0
+    for f in planted:
+        y_new = 0.2 * 7.27 + rng.normal(0.0, 0.05)
+        hits += f["pred_lo"] <= y_new <= f["pred_hi"]
+    assert lo <= hits <= hi, hits
+
+
+def test_slope_verdicts_are_typed_and_holm_adjusted():
+    weights = {"8x2": 94_436, "16x2": 331_516, "32x2": 1_234_220}
+    rng = np.random.default_rng(1)
+    rows = []
+    for rung, w in weights.items():
+        for seed in (0, 1):
+            lw = math.log10(w)
+            rows.append({"rung": rung, "recipe": "grows", "seed": seed, "d_best": 0.5 * lw + rng.normal(0, 0.01),
+                         "d_sensitivity": 0.001 * (-1) ** seed, "d_failed": rng.normal(0, 1.0)})  # fmt: skip
+    v = transfer.slope_verdicts(transfer.trends(pd.DataFrame(rows), weights, 18_519_436)).set_index("measure")
+    assert v.loc["d_best", "verdict"] == "grows with size"
+    assert v.loc["d_sensitivity", "verdict"] == "equivalent within ±0.05 per decade"
+    assert v.loc["d_failed", "verdict"].startswith("inconclusive")
+    assert (v["p_holm"] >= v["p"]).all() and v.loc["d_best", "p_holm"] == pytest.approx(min(1.0, 3 * v["p"].min()))
+    down = pd.DataFrame(rows).assign(d_best=lambda d: -d["d_best"])
+    assert transfer.slope_verdicts(transfer.trends(down, weights, 18_519_436)).iloc[0]["verdict"] == "shrinks with size"
+
+
+def test_the_paper_check_table_is_read_only_when_whole(tmp_path):
+    assert transfer.read_paper_check(tmp_path / "absent.csv") is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text("recipe,lr\npaper,0.001\n")
+    with pytest.raises(ValueError, match="missing lr_multiple, maps, blocks, result"):
+        transfer.read_paper_check(bad)
+
+
+def test_the_paper_check_table_counts_steps_and_keeps_failures():
+    runs = pd.DataFrame([
+        {"variant": "paper-size/paper/lr0.01", "seed": 0, "run_id": "a", "result": "diverges in training",
+         "val_bpd": math.nan, "train.batch_size": 64, "model.mid_channels": 64, "model.num_blocks": 8, "device": "cuda",
+         "git_commit": "abc"},
+        {"variant": "paper-size/paper/lr0.001", "seed": 0, "run_id": "b", "result": "trained", "val_bpd": 4.2,
+         "train.batch_size": 64, "model.mid_channels": 64, "model.num_blocks": 8, "device": "cuda",
+         "git_commit": "abc"}])  # fmt: skip
+    history = pd.DataFrame([
+        {"run_id": "b", "epoch": 1, "train_bpd": 5.0, "grad_norm_max": 30.0, "epoch_seconds": 10.0},
+        {"run_id": "b", "epoch": 2, "train_bpd": 4.5, "grad_norm_max": 20.0, "epoch_seconds": 11.0},
+        {"run_id": "a", "epoch": 1, "train_bpd": 9.0, "grad_norm_max": 1e6, "epoch_seconds": 10.0}])  # fmt: skip
+    t = transfer.paper_check_table(runs, history, train_images=3600, date="2026-12-06").set_index("lr")
+    assert list(t.columns) == [c for c in transfer.PAPER_CHECK_COLUMNS if c != "lr"]
+    assert t.loc[0.001, "steps"] == 2 * 56 and t.loc[0.01, "steps"] == 56  # 3600 // 64 a epoch
+    assert t.loc[0.001, "train_bpd"] == 4.5 and t.loc[0.001, "max_grad_norm"] == 30.0
+    assert t.loc[0.001, "seconds"] == 21.0
+    assert t.loc[0.01, "result"] == "diverges in training" and math.isnan(t.loc[0.01, "val_bpd"])
+    assert t.loc[0.01, "lr_multiple"] == 10.0 and t.loc[0.001, "lr_multiple"] == 1.0
+    assert (t["maps"] == 64).all() and (t["blocks"] == 8).all()

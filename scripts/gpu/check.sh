@@ -13,12 +13,17 @@
 # size on the real CIFAR-10 slices, logged to MLflow; the literal fp16 recipe at the paper size with
 # its skipped steps and non-finite events; `evaluate` on one of those checkpoints (if the command
 # exists); torch.compile, plain and reduce-overhead (CUDA graphs), in the bench and in a training run;
-# the before/after optimisation script.
+# the before/after optimisation script; last, the scale ladder's check at the paper's size (issue 28:
+# each recipe at 1x, 3x and 10x the seed report's learning rate for 2 epochs of the slices, 112 steps,
+# then its table, paper-stability.csv in OUT). That one runs alone within the 8 minutes:
+#       CHECK_ONLY=paper-stability,paper-stability-table bash scripts/gpu/check.sh
+# and its table is committed as studies/transfer/paper-stability.csv, which the transfer report reads.
 #
 # Environment:
 #   PY=python3          the interpreter (the device image's python3 holds torch)
-#   OUT=./gpu-check     where the results go; the device tool sets it. At most 3 files there:
-#                       summary.md, results.tsv and check.tar.gz (logs + MLflow/Optuna stores, no checkpoints)
+#   OUT=./gpu-check     where the results go; the device tool sets it. At most 4 files there:
+#                       summary.md, results.tsv and check.tar.gz (logs + MLflow/Optuna stores, no checkpoints),
+#                       paper-stability.csv (step paper-stability-table)
 #   BUNDLE=gpu-bundle   the carried wheels/ and cifar10-slices/ (scripts/gpu/build_bundle.sh)
 #   DATA=npz:DIR        the CIFAR-10 slices (default: BUNDLE's, else ../shared's)
 #   CHECK_SCALE=full    full (the device) | rehearsal (tiny sizes, so a CPU runs every step quickly)
@@ -140,11 +145,14 @@ if [ "$SCALE" = rehearsal ]; then
   PAPER=(--epochs 1 --set data.train_limit=256 --set model.mid_channels=8 --set model.num_blocks=1
     --set train.eval_batch_size=250)
   DEMO=(--epochs 1 --set data.train_limit=256)
+  STABILITY=(--epochs 1 --set data.train_limit=128 --set model.mid_channels=4 --set model.num_blocks=1
+    --set train.eval_batch_size=250)
 else
   BENCH=(--preset paper --batch 64 --steps 20)
   OPTIM=(--preset paper --batch 64 --steps 20 --compile-size small)
   PAPER=(--epochs 3) # all 3,600 training images of the slice, 400 validation, 500 test
   DEMO=(--epochs 2)
+  STABILITY=(--epochs 2) # 2 x 56 steps of batch 64 over the slices' 3,600 training images
 fi
 TRAIN=(run_study.py train --preset demo "${DEMO[@]}" --device "$DEV" --experiment gpu-check
   --tracking-uri "$URI" --checkpoint-dir "$CKPT" --fresh)
@@ -166,6 +174,12 @@ done
 step train-compiled-demo 150 "$PY" "${TRAIN[@]}" --experiment gpu-check-compiled --set stabilizers.amp=bf16 \
   --set train.compile=reduce-overhead
 step bench-optimisations 120 "$PY" -m bench.optimisations "${OPTIM[@]}" --device "$DEV"
+# the paper-size stability cells (experiments/ladder.py PAPER_CHECK): 12 cells, one seed, fp32
+step paper-stability 420 --data "$PY" run_study.py ablation paper-stability --preset paper "${STABILITY[@]}" \
+  --data "$DATA" --seeds 1 --experiment gpu-check-paper-stability --storage "$OPTUNA" --tracking-uri "$URI" \
+  --checkpoint-dir "$CKPT" --device "$DEV"
+step paper-stability-table 60 --data "$PY" scripts/gpu/paper_table.py "$URI" gpu-check-paper-stability \
+  "$OUT/paper-stability.csv"
 
 # --- 4. one table, one archive ---------------------------------------------------------------------
 TOTAL=$((SECONDS - START))
