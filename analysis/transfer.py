@@ -270,10 +270,14 @@ def paper_check_table(runs: pd.DataFrame, history: pd.DataFrame, train_images: i
     return pd.DataFrame(rows, columns=list(PAPER_CHECK_COLUMNS))
 
 
+class PaperCheckError(ValueError):
+    """A paper-stability table that is not one (a one-line message naming the fix)."""
+
+
 def read_paper_check(path) -> pd.DataFrame | None:
     """The GPU check's paper-size stability table (scripts/gpu/check.sh, step paper-stability), or None when
     ``path`` does not exist. Columns PAPER_CHECK_COLUMNS, one row per (recipe, learning rate); a file
-    without them raises ValueError naming the missing ones."""
+    without them raises PaperCheckError naming the missing ones."""
     from pathlib import Path
 
     if not Path(path).exists():
@@ -281,7 +285,7 @@ def read_paper_check(path) -> pd.DataFrame | None:
     table = pd.read_csv(path)
     missing = [c for c in PAPER_CHECK_COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"{path}: not a paper-stability table (missing {', '.join(missing)}); rewrite it with "
+        raise PaperCheckError(f"{path}: not a paper-stability table (missing {', '.join(missing)}); rewrite it with "
                          "scripts/gpu/check.sh (CHECK_ONLY=paper-stability)")  # fmt: skip
     return table.sort_values(["recipe", "lr"]).reset_index(drop=True)
 

@@ -480,6 +480,7 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
     """Regenerate the report (tables, figures, diagnosis, audit) from a study's MLflow runs."""
     from analysis.collect import NoRunsError, only_study
     from analysis.report import generate_report
+    from analysis.transfer import PaperCheckError
     from study.data import DataError, parse_data_spec
 
     store = _open_store(tracking_uri, must_exist=True)
@@ -491,7 +492,7 @@ def report(experiment, tracking_uri, out, window, data, audit, lr_experiment, lo
         path = generate_report(store, experiment, Path(out), window, override, audit,
                                command=f"python run_study.py {args}", lr_experiment=lr_experiment,
                                log_to_parent=log, beside=others, say=_stage("report"))  # fmt: skip
-    except (NoRunsError, DataError) as e:
+    except (NoRunsError, DataError, PaperCheckError) as e:
         _fail(str(e))
     click.echo(f"wrote {path}")
 

@@ -92,6 +92,12 @@ def test_the_paper_size_check_rehearses_on_the_cpu_and_its_table_reaches_the_rep
         assert "cpu, " in section and "Each recipe at 4x1 maps x blocks for 2 steps" in section
         assert "| exp+zero-init | 0.01 | 10.0 | 4 | 1 |" in section
         assert "- `no-gradclip-fp32`: failed at" in section
+        # a table that is not one: one line naming the file and the fix, nothing written
+        (ladder / "paper-stability.csv").write_text("recipe,lr\npaper,0.001\n")
+        bad = _report(ladder, "with-bad-check")
+        assert bad.returncode != 0 and "Traceback" not in bad.stderr
+        assert "paper-stability.csv: not a paper-stability table (missing lr_multiple" in bad.stderr
+        assert not (ladder / "with-bad-check" / "README.md").exists()
     finally:
         (ladder / "paper-stability.csv").unlink()
     assert pd.read_csv(tmp_path / "out" / "paper-stability.csv")["date"].nunique() == 1
