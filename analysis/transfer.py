@@ -6,7 +6,10 @@ log(weights), extrapolated to the paper's size as a stated, refutable prediction
 
 Every run is counted: a run that did not train (diverged, failed at initialisation or in evaluation,
 trained badly: study.run.outcome) is a failure at its learning rate, drawn and counted as one, and in
-LR sensitivity it scores the loss at initialisation, as Wortsman et al. cap a diverged run. At the two
+LR sensitivity it scores the loss at initialisation, as Wortsman et al. cap a diverged run. A failure
+is an *instability* (what the largest stable learning rate and the unstable share count) when it is
+non-finite, or finite but worse than uniform at or above the best learning rate; worse than uniform
+below it, the run learnt too slowly for its epochs, which is no instability (`unstable`). At the two
 seeds a ladder affords, every interval is Student t over seeds (n - 1 = 1 degree of freedom: wide, and
 said so); a trend over rungs is an OLS fit with its t interval on n - 2 degrees of freedom.
 
@@ -27,11 +30,12 @@ BASELINE = "seed-report-fp32"  # experiments.ladder.BASELINE: every recipe is re
 
 def lr_curves(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (rung, recipe, lr, seed) of a ladder's runs: the final validation bits/dim of a
-    run that trained (NaN otherwise), its result, and ``failed`` (any result but *trained*).
+    run that trained (NaN otherwise), its result, ``failed`` (any result but *trained*) and ``unstable``
+    (:func:`unstable`).
 
     runs: analysis.collect.collect_runs' runs (variant names ``RUNG/RECIPE/lrLR``: experiments.ladder),
     with val_bpd (last epoch), result (or outcome and test_bpd) and seed. Returns columns rung, recipe,
-    lr, seed, val_bpd, result, failed, run_id; sorted by rung, recipe, lr, seed."""
+    lr, seed, val_bpd, result, failed, unstable, run_id; sorted by rung, recipe, lr, seed."""
     from experiments.ladder import parse
 
     runs = with_result(runs)
@@ -43,7 +47,25 @@ def lr_curves(runs: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
     out["failed"] = out["result"] != "trained"
     out["val_bpd"] = np.where(out["failed"], math.nan, runs["val_bpd"].astype(float).to_numpy())
+    out["unstable"] = False
+    for _, g in out.groupby(["rung", "recipe"], sort=False):
+        out.loc[g.index, "unstable"] = unstable(g)
     return out.sort_values(["rung", "recipe", "lr", "seed"], key=_rung_order).reset_index(drop=True)
+
+
+INSTABILITIES = ("diverges-in-training", "fails-at-init", "fails-in-eval")  # non-finite: study.run.outcome
+
+
+def unstable(grid: pd.DataFrame) -> np.ndarray:
+    """Which runs of one recipe's grid at one size are instabilities: a non-finite result anywhere, or a
+    failure to train (worse than uniform) at or above the best learning rate (the lowest mean validation
+    bits/dim over the runs that trained; with none trained, every failure counts). Below the best, a run
+    worse than uniform learnt too slowly for its epochs: a failure, not an instability.
+
+    grid: rows with lr, result, failed and val_bpd (lr_curves' of one rung and recipe). Returns (n,) bool."""
+    trained = grid[~grid["failed"]]
+    best = trained.groupby("lr")["val_bpd"].mean().idxmin() if len(trained) else -math.inf
+    return (grid["result"].isin(INSTABILITIES) | (grid["failed"] & (grid["lr"] >= best))).to_numpy()
 
 
 def _rung_order(column: pd.Series) -> pd.Series:
@@ -54,22 +76,25 @@ def _rung_order(column: pd.Series) -> pd.Series:
 
 
 def largest_stable_lr(curves: pd.DataFrame) -> pd.DataFrame:
-    """Per (rung, recipe): the largest stable learning rate, the largest such that every seed trained at
-    it and at every smaller one on the grid (a failure below it ends the stable range, even if a larger
-    learning rate trains again: the conservative reading at two seeds), and the smallest at which any
-    seed failed (NaN where none did); ``stable_to_top`` when no run on the grid failed.
+    """Per (rung, recipe): the largest stable learning rate, the largest such that no seed's run was an
+    instability (:func:`unstable`) at it or at any smaller one on the grid (an instability below it ends
+    the stable range, even if a larger learning rate trains again: the conservative reading at two seeds),
+    and the smallest at which any seed's run was one (NaN where none was); ``stable_to_top`` when none on
+    the grid was. A run that learnt too slowly below the best learning rate does not end the range; it is
+    counted in ``failed_runs`` with every other run that did not train.
 
-    curves: lr_curves. Returns columns rung, recipe, largest_stable_lr, first_failing_lr, failed_runs,
-    runs, stable_to_top."""
+    curves: lr_curves. Returns columns rung, recipe, largest_stable_lr, first_unstable_lr, unstable_runs,
+    failed_runs, runs, stable_to_top."""
     rows = []
     for (rung, recipe), g in curves.groupby(["rung", "recipe"], sort=False):
-        any_failed = g.groupby("lr")["failed"].any().sort_index()
-        bad = any_failed.index[any_failed.to_numpy()]
-        ok = any_failed.index[any_failed.index < bad.min()] if len(bad) else any_failed.index
+        any_bad = g.groupby("lr")["unstable"].any().sort_index()
+        bad = any_bad.index[any_bad.to_numpy()]
+        ok = any_bad.index[any_bad.index < bad.min()] if len(bad) else any_bad.index
         rows.append({"rung": rung, "recipe": recipe,
                      "largest_stable_lr": float(ok.max()) if len(ok) else math.nan,
-                     "first_failing_lr": float(bad.min()) if len(bad) else math.nan,
-                     "failed_runs": int(g["failed"].sum()), "runs": len(g), "stable_to_top": not len(bad)})  # fmt: skip
+                     "first_unstable_lr": float(bad.min()) if len(bad) else math.nan,
+                     "unstable_runs": int(g["unstable"].sum()), "failed_runs": int(g["failed"].sum()), "runs": len(g),
+                     "stable_to_top": not len(bad)})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -119,12 +144,13 @@ def over_seeds(per_seed: pd.DataFrame, value: str, conf: float = CONF) -> pd.Dat
 def differences(curves: pd.DataFrame, sensitivity: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """Each recipe against ``baseline`` at each rung, paired by seed: the difference in best validation
     bits/dim on the grid (``d_best``), in LR sensitivity (``d_sensitivity``) and in the share of the grid
-    whose run failed (``d_failed``). Positive: the recipe is worse, more sensitive, fails more.
+    whose run was an instability (``d_unstable``: :func:`unstable`). Positive: the recipe is worse, more
+    sensitive, more often unstable.
 
     curves: lr_curves. sensitivity: lr_sensitivity. Returns columns rung, recipe, seed, d_best,
-    d_sensitivity, d_failed (NaN where either side has no trained run for d_best and d_sensitivity)."""
-    failed = curves.groupby(["rung", "recipe", "seed"])["failed"].mean().rename("failed_share").reset_index()
-    per = sensitivity.merge(failed, on=["rung", "recipe", "seed"], how="outer")
+    d_sensitivity, d_unstable (NaN where either side has no trained run for d_best and d_sensitivity)."""
+    share = curves.groupby(["rung", "recipe", "seed"])["unstable"].mean().rename("unstable_share").reset_index()
+    per = sensitivity.merge(share, on=["rung", "recipe", "seed"], how="outer")
     base = per[per["recipe"] == baseline].set_index(["rung", "seed"])
     rows = []
     for r in per[per["recipe"] != baseline].itertuples():
@@ -133,8 +159,8 @@ def differences(curves: pd.DataFrame, sensitivity: pd.DataFrame, baseline: str =
         b = base.loc[(r.rung, r.seed)]
         rows.append({"rung": r.rung, "recipe": r.recipe, "seed": r.seed, "d_best": r.best_bpd - b["best_bpd"],
                      "d_sensitivity": r.sensitivity - b["sensitivity"],
-                     "d_failed": r.failed_share - b["failed_share"]})  # fmt: skip
-    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "d_best", "d_sensitivity", "d_failed"])
+                     "d_unstable": r.unstable_share - b["unstable_share"]})  # fmt: skip
+    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "d_best", "d_sensitivity", "d_unstable"])
 
 
 def trend(x, y, at: float, conf: float = CONF) -> dict[str, float]:
@@ -179,11 +205,11 @@ def trends(diffs: pd.DataFrame, weights: dict[str, int], paper_weights: int) -> 
     with the number of rungs it extrapolates from.
 
     diffs: differences. weights: rung -> the model's parameter count. Returns one row per (recipe,
-    measure) with trend()'s columns, rungs, and measure in d_best / d_sensitivity / d_failed."""
+    measure) with trend()'s columns, rungs, and measure in d_best / d_sensitivity / d_unstable."""
     rows = []
     for recipe, g in diffs.groupby("recipe", sort=False):
         x = np.log10([weights[r] for r in g["rung"]])
-        for measure in ("d_best", "d_sensitivity", "d_failed"):
+        for measure in ("d_best", "d_sensitivity", "d_unstable"):
             fit = trend(x, g[measure], math.log10(paper_weights))
             rows.append({"recipe": recipe, "measure": measure, "rungs": g["rung"].nunique(), **fit})
     columns = ["recipe", "measure", "rungs", *trend([], [], 0.0)]  # an unfinished ladder may have no pair yet
@@ -192,8 +218,8 @@ def trends(diffs: pd.DataFrame, weights: dict[str, int], paper_weights: int) -> 
 
 # per decade of weights, the slope inside which a recipe's difference from the baseline counts as not
 # moving with size: the reports' equivalence margin (0.05 bits/dim, analysis.report) for the two measures
-# in bits/dim, and a tenth of the grid for the failure share (under one of the 6 learning rates)
-SLOPE_MARGINS = {"d_best": 0.05, "d_sensitivity": 0.05, "d_failed": 0.1}
+# in bits/dim, and a tenth of the grid for the unstable share (under one of the 6 learning rates)
+SLOPE_MARGINS = {"d_best": 0.05, "d_sensitivity": 0.05, "d_unstable": 0.1}
 
 
 def slope_verdicts(fits: pd.DataFrame, margins: dict[str, float] = SLOPE_MARGINS, alpha: float = 0.05) -> pd.DataFrame:

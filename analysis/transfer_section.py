@@ -21,7 +21,7 @@ from study.run.outcome import LABELS
 PAPER_MAPS, PAPER_BLOCKS = 64, 8  # the paper's CIFAR-10 model (experiments.presets "paper")
 PAPER_CHECK = "paper-stability.csv"  # the GPU check's table, beside the study's mlflow.db
 MEASURES = {"d_best": "best bits/dim on the grid", "d_sensitivity": "LR sensitivity",
-            "d_failed": "share of the grid that failed"}  # fmt: skip
+            "d_unstable": "share of the grid unstable"}  # fmt: skip
 # study.run.outcome's results, short enough for a grid cell
 SHORT = {"diverges-in-training": "div", "fails-at-init": "init", "fails-in-eval": "eval", "trains-badly": "bad",
          "": "did not end"}  # fmt: skip
@@ -118,10 +118,11 @@ def sections(m: Measures, epochs: list[int]) -> list[str]:
              "Failures are drawn in the figure as x at 8 bits/dim, never dropped.", "",
              md_table(_grid(m.curves)), "", "![learning rate against bits/dim](figures/ladder_curves.png)", "",
              "## Largest stable learning rate", "",
-             "The largest learning rate at which every seed trained, and every smaller one on the grid too (a failure "
-             "below it ends the stable range even if a larger one trains again); *first failing*: the smallest "
-             "learning "
-             "rate at which any seed failed.", "", md_table(_stable(m.stable)), "",
+             "The largest learning rate at which no seed's run was an instability, nor at any smaller one on the grid "
+             "(an instability below it ends the stable range even if a larger one trains again). An *instability*: a "
+             "non-finite result anywhere, or worse than uniform at or above the best learning rate; worse than "
+             "uniform below the best, a run learnt too slowly for its epochs, a failure to train but no instability. "
+             "*first unstable*: the smallest learning rate with an instability.", "", md_table(_stable(m.stable)), "",
              "## LR sensitivity", "",
              "Wortsman et al.'s measure per seed: over the grid, the mean of min(L(lr), L0) - min L, where L is the "
              "final "
@@ -158,8 +159,9 @@ def _stable(stable: pd.DataFrame) -> pd.DataFrame:
         "rung": stable["rung"], "recipe": stable["recipe"],
         "largest stable lr": [("≥ " if top else "") + (f"{v:g}" if math.isfinite(v) else "none")
                               for v, top in zip(stable["largest_stable_lr"], stable["stable_to_top"], strict=True)],
-        "first failing lr": stable["first_failing_lr"].map(lambda v: f"{v:g}" if math.isfinite(v) else "–"),
-        "failed / runs": [f"{a}/{b}" for a, b in zip(stable["failed_runs"], stable["runs"], strict=True)]})  # fmt: skip
+        "first unstable lr": stable["first_unstable_lr"].map(lambda v: f"{v:g}" if math.isfinite(v) else "–"),
+        "unstable / failed / runs": [f"{a}/{b}/{c}" for a, b, c in zip(stable["unstable_runs"], stable["failed_runs"],
+                                                                        stable["runs"], strict=True)]})  # fmt: skip
 
 
 def _sensitivity(m: Measures) -> pd.DataFrame:
@@ -194,8 +196,10 @@ def _against_baseline(m: Measures) -> list[str]:
     return ["## Each recipe against the seed report's, as the model grows", "",
             f"Per seed and rung, each recipe minus "
             f"`{transfer.BASELINE}` (the same seed and rung): in its best bits/dim on "
-            "the grid, in LR sensitivity, and in the share of the grid whose run failed (positive: worse, more "
-            "sensitive, fails more). Slope: OLS of those differences on log10(weights), one point per (rung, seed), "
+            "the grid, in LR sensitivity, and in the share of the grid whose run was an instability (positive: worse, "
+            "more "
+            "sensitive, more often unstable). Slope: OLS of those differences on log10(weights), one point per (rung, "
+            "seed), "
             "with its t interval on n - 2 degrees of freedom. Verdicts typed and Holm-adjusted over every row: *grows* "
             "or *shrinks with size* (slope Holm p <= 0.05), *equivalent within ±m per decade* (two one-sided t tests "
             f"of the slope against m: "
@@ -243,17 +247,22 @@ def _paper_check(m: Measures) -> list[str]:
     shown = t.assign(lr=t["lr"].map(lambda v: f"{v:g}"), train_bpd=t["train_bpd"].map(_f), val_bpd=t["val_bpd"].map(_f),
                      max_grad_norm=t["max_grad_norm"].map(lambda v: _f(v, 0)))  # fmt: skip
     cols = [c for c in transfer.PAPER_CHECK_COLUMNS if c not in ("device", "date", "commit")]
-    fails = t.assign(failed=t["result"] != "trained").groupby("recipe")["failed"].agg(["sum", "size"])
+    flagged = t.assign(failed=t["result"] != "trained")
+    flagged["unstable"] = False
+    for _, g in flagged.groupby("recipe"):
+        flagged.loc[g.index, "unstable"] = transfer.unstable(g)
+    fails = flagged.groupby("recipe")["unstable"].agg(["sum", "size"])
     base = fails.loc[transfer.BASELINE] if transfer.BASELINE in fails.index else None
     said = []
-    for r in m.fits[m.fits["measure"] == "d_failed"].itertuples():
+    for r in m.fits[m.fits["measure"] == "d_unstable"].itertuples():
         if r.recipe not in fails.index or base is None:
             continue
         seen = fails.loc[r.recipe, "sum"] / fails.loc[r.recipe, "size"] - base["sum"] / base["size"]
         inside = r.pred_lo <= seen <= r.pred_hi if math.isfinite(r.pred_lo) else None
-        said.append(f"- `{r.recipe}`: failed at {fails.loc[r.recipe, 'sum']} of {fails.loc[r.recipe, 'size']} learning "
-                    f"rates against "
-                    f"{base['sum']} of {base['size']} for `{transfer.BASELINE}`, a failure-share difference "
+        said.append(f"- `{r.recipe}`: unstable at {fails.loc[r.recipe, 'sum']} of {fails.loc[r.recipe, 'size']} "
+                    f"learning rates against "
+                    f"{base['sum']} of {base['size']} for `{transfer.BASELINE}`, an unstable-share "
+                    "difference "
                     f"of {seen:+.2f}; predicted {_f(r.predicted, 2, True)} {_ci(r.pred_lo, r.pred_hi, 2, True)} on the "
                     f"ladder's grid: {'inside' if inside else 'outside' if inside is not None else 'no prediction'} "
                     "(3 learning rates, not the ladder's 6: a consistency check, not the refuting "

@@ -14,14 +14,15 @@ from analysis import transfer
 LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
-def _runs(table: dict[tuple[str, str, int], list[float | None]]) -> pd.DataFrame:
-    """Runs of a ladder: (rung, recipe, seed) -> final val bits/dim per learning rate, None = diverged."""
+def _runs(table: dict[tuple[str, str, int], list[float | str | None]]) -> pd.DataFrame:
+    """Runs of a ladder: (rung, recipe, seed) -> final val bits/dim per learning rate, None = diverged, a
+    string = that result (study.run.outcome's keys)."""
     rows = []
     for (rung, recipe, seed), values in table.items():
         for lr, v in zip(LRS, values, strict=True):
+            result = "trained" if isinstance(v, float) else "diverges-in-training" if v is None else v
             rows.append({"variant": f"{rung}/{recipe}/lr{lr:g}", "seed": seed, "run_id": f"{rung}{recipe}{lr}{seed}",
-                         "result": "trained" if v is not None else "diverges in training",
-                         "val_bpd": v if v is not None else math.nan})  # fmt: skip
+                         "result": result, "val_bpd": v if isinstance(v, float) else math.nan})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -41,10 +42,25 @@ def test_largest_stable_lr_is_the_top_of_the_grid_where_every_seed_trained():
                   ("8x2", "seed-report-fp32", 0): [5.0, 4.6, 4.3, 4.4, 4.9, 5.5],
                   ("8x2", "seed-report-fp32", 1): [5.0, 4.6, 4.3, 4.4, 4.9, 5.6]})  # fmt: skip
     s = transfer.largest_stable_lr(transfer.lr_curves(runs)).set_index("recipe")
-    assert s.loc["paper", "largest_stable_lr"] == 1e-3 and s.loc["paper", "first_failing_lr"] == 3e-3
-    assert s.loc["paper", "failed_runs"] == 3 and not s.loc["paper", "stable_to_top"]
+    assert s.loc["paper", "largest_stable_lr"] == 1e-3 and s.loc["paper", "first_unstable_lr"] == 3e-3
+    assert s.loc["paper", "unstable_runs"] == s.loc["paper", "failed_runs"] == 3 and not s.loc["paper", "stable_to_top"]
     assert s.loc["seed-report-fp32", "largest_stable_lr"] == 3e-2 and s.loc["seed-report-fp32", "stable_to_top"]
-    assert math.isnan(s.loc["seed-report-fp32", "first_failing_lr"])
+    assert math.isnan(s.loc["seed-report-fp32", "first_unstable_lr"])
+
+
+def test_too_slow_below_the_best_rate_is_a_failure_but_no_instability():
+    """Worse than uniform at 1e-4 (3 epochs too few at that step size): it fails to train and scores L0 in LR
+    sensitivity, but does not end the stable range; worse than uniform above the best rate does."""
+    runs = _runs({("8x2", "paper", 0): ["trains-badly", 6.0, 4.3, 4.4, "trains-badly", None],
+                  ("8x2", "paper", 1): ["trains-badly", 6.1, 4.2, 4.5, 4.9, "fails-in-eval"]})  # fmt: skip
+    c = transfer.lr_curves(runs)
+    assert c["failed"].sum() == 5 and c["unstable"].sum() == 3
+    assert not c.loc[c["lr"] == 1e-4, "unstable"].any() and c.loc[c["lr"] == 1e-4, "failed"].all()
+    s = transfer.largest_stable_lr(c).iloc[0]
+    assert s["largest_stable_lr"] == 3e-3 and s["first_unstable_lr"] == 1e-2
+    assert (s["unstable_runs"], s["failed_runs"], s["runs"]) == (3, 5, 12)
+    nothing = transfer.lr_curves(_runs({("8x2", "paper", 0): ["trains-badly"] * 5 + [None]}))
+    assert nothing["unstable"].all()  # with no run trained there is no best rate: every failure counts
 
 
 def test_lr_sensitivity_by_hand():
@@ -73,7 +89,7 @@ def test_differences_pair_each_recipe_with_the_baseline_by_seed():
     init = pd.DataFrame({"rung": "8x2", "recipe": ["seed-report-fp32", "paper"], "seed": 0, "init_bpd": 6.0})
     d = transfer.differences(curves, transfer.lr_sensitivity(curves, init)).iloc[0]
     assert d["recipe"] == "paper" and d["d_best"] == pytest.approx(4.1 - 4.3)
-    assert d["d_failed"] == pytest.approx(2 / 6)
+    assert d["d_unstable"] == pytest.approx(2 / 6)
     base = np.mean([0.7, 0.3, 0.0, 0.1, 0.6, 1.2])
     paper = np.mean([0.8, 0.4, 0.0, 0.1, 1.9, 1.9])
     assert d["d_sensitivity"] == pytest.approx(paper - base)
@@ -110,7 +126,7 @@ def test_trends_recover_a_planted_slope_per_recipe():
         for seed in (0, 1):
             lw = math.log10(w)
             rows.append({"rung": rung, "recipe": "paper", "seed": seed, "d_best": -0.1 * lw + 0.001 * seed,
-                         "d_sensitivity": 0.2, "d_failed": 0.0})  # fmt: skip
+                         "d_sensitivity": 0.2, "d_unstable": 0.0})  # fmt: skip
     t = transfer.trends(pd.DataFrame(rows), weights, 19_000_000).set_index("measure")
     assert t.loc["d_best", "slope"] == pytest.approx(-0.1, abs=1e-9) and t.loc["d_best", "rungs"] == 3
     assert t.loc["d_best", "predicted"] == pytest.approx(-0.1 * math.log10(19e6) + 0.0005, abs=1e-9)
@@ -185,11 +201,11 @@ def test_slope_verdicts_are_typed_and_holm_adjusted():
         for seed in (0, 1):
             lw = math.log10(w)
             rows.append({"rung": rung, "recipe": "grows", "seed": seed, "d_best": 0.5 * lw + rng.normal(0, 0.01),
-                         "d_sensitivity": 0.001 * (-1) ** seed, "d_failed": rng.normal(0, 1.0)})  # fmt: skip
+                         "d_sensitivity": 0.001 * (-1) ** seed, "d_unstable": rng.normal(0, 1.0)})  # fmt: skip
     v = transfer.slope_verdicts(transfer.trends(pd.DataFrame(rows), weights, 18_519_436)).set_index("measure")
     assert v.loc["d_best", "verdict"] == "grows with size"
     assert v.loc["d_sensitivity", "verdict"] == "equivalent within ±0.05 per decade"
-    assert v.loc["d_failed", "verdict"].startswith("inconclusive")
+    assert v.loc["d_unstable", "verdict"].startswith("inconclusive")
     assert (v["p_holm"] >= v["p"]).all() and v.loc["d_best", "p_holm"] == pytest.approx(min(1.0, 3 * v["p"].min()))
     down = pd.DataFrame(rows).assign(d_best=lambda d: -d["d_best"])
     assert transfer.slope_verdicts(transfer.trends(down, weights, 18_519_436)).iloc[0]["verdict"] == "shrinks with size"
@@ -205,7 +221,7 @@ def test_the_paper_check_table_is_read_only_when_whole(tmp_path):
 
 def test_the_paper_check_table_counts_steps_and_keeps_failures():
     runs = pd.DataFrame([
-        {"variant": "paper-size/paper/lr0.01", "seed": 0, "run_id": "a", "result": "diverges in training",
+        {"variant": "paper-size/paper/lr0.01", "seed": 0, "run_id": "a", "result": "diverges-in-training",
          "val_bpd": math.nan, "train.batch_size": 64, "model.mid_channels": 64, "model.num_blocks": 8, "device": "cuda",
          "git_commit": "abc"},
         {"variant": "paper-size/paper/lr0.001", "seed": 0, "run_id": "b", "result": "trained", "val_bpd": 4.2,
@@ -220,6 +236,6 @@ def test_the_paper_check_table_counts_steps_and_keeps_failures():
     assert t.loc[0.001, "steps"] == 2 * 56 and t.loc[0.01, "steps"] == 56  # 3600 // 64 a epoch
     assert t.loc[0.001, "train_bpd"] == 4.5 and t.loc[0.001, "max_grad_norm"] == 30.0
     assert t.loc[0.001, "seconds"] == 21.0
-    assert t.loc[0.01, "result"] == "diverges in training" and math.isnan(t.loc[0.01, "val_bpd"])
+    assert t.loc[0.01, "result"] == "diverges-in-training" and math.isnan(t.loc[0.01, "val_bpd"])
     assert t.loc[0.01, "lr_multiple"] == 10.0 and t.loc[0.001, "lr_multiple"] == 1.0
     assert (t["maps"] == 64).all() and (t["blocks"] == 8).all()
