@@ -190,23 +190,19 @@ def _against_baseline(m: Measures) -> list[str]:
     for r in m.fits.itertuples():
         per_rung = [f"{rung}: {_f(means.loc[(r.recipe, rung), r.measure], 3, True)}" for rung in m.weights
                     if (r.recipe, rung) in means.index]  # fmt: skip
-        rows.append({"recipe": r.recipe, "measure": MEASURES[r.measure], "mean difference per "
-                                                                         "rung": ", ".join(per_rung),
+        rows.append({"recipe": r.recipe, "measure": MEASURES[r.measure],
+                     "mean difference per rung": ", ".join(per_rung),
                      "slope per decade [95% t]": f"{_f(r.slope, 3, True)} {_ci(r.slope_lo, r.slope_hi, 3, True)}",
-                     "p "
-                     "(Holm)": f"{fmt_p(r.p)} ({fmt_p(r.p_holm)})", "TOST ±m, Holm "
-                                                                    "p": f"±{r.margin:g}: {fmt_p(r.tost_p_holm)}",
-                     "verdict": r.verdict})  # fmt: skip
+                     "p (Holm)": f"{fmt_p(r.p)} ({fmt_p(r.p_holm)})",
+                     "TOST ±m, Holm p": f"±{r.margin:g}: {fmt_p(r.tost_p_holm)}", "verdict": r.verdict})  # fmt: skip
     return ["## Each recipe against the seed report's, as the model grows", "",
             f"Per seed and rung, each recipe minus "
             f"`{transfer.BASELINE}` (the same seed and rung): in its best bits/dim on "
             "the grid, in LR sensitivity, and in the share of the grid whose run was an instability (positive: worse, "
-            "more "
-            "sensitive, more often unstable). Slope: OLS of those differences on log10(weights), one point per (rung, "
-            "seed), "
-            "with its t interval on n - 2 degrees of freedom. Verdicts typed and Holm-adjusted over every row: *grows* "
-            "or *shrinks with size* (slope Holm p <= 0.05), *equivalent within ±m per decade* (two one-sided t tests "
-            f"of the slope against m: "
+            "more sensitive, more often unstable). Slope: OLS of those differences on log10(weights), one point per "
+            "(rung, seed), with its t interval on n - 2 degrees of freedom. Verdicts typed and Holm-adjusted over "
+            "every row: *grows* or *shrinks with size* (slope Holm p <= 0.05), *equivalent within ±m per decade* "
+            "(two one-sided t tests of the slope against m: "
             f"{', '.join(f'{transfer.SLOPE_MARGINS[k]:g} for the {v}' for k, v in MEASURES.items())}),"
             " else *inconclusive*.", "", _table_or(pd.DataFrame(rows), "No recipe has a run paired with the baseline's "
             "yet."), ""]  # fmt: skip
@@ -243,9 +239,8 @@ def _paper_check(m: Measures) -> list[str]:
     if m.paper_check is None:
         return head + [f"No GPU check is committed (`{m.paper_check_path}`). `CHECK_ONLY=paper-stability bash "
                        "scripts/gpu/check.sh` on a lent GPU trains each recipe at the paper's size at the seed "
-                       "report's "
-                       "learning rate and at 3x and 10x it for a fixed number of steps and writes that table; this "
-                       "section then shows it beside the prediction.", ""]  # fmt: skip
+                       "report's learning rate and at 3x and 10x it for a fixed number of steps and writes that "
+                       "table; this section then shows it beside the prediction.", ""]  # fmt: skip
     t = m.paper_check
     first = t.iloc[0]
     shown = t.assign(lr=t["lr"].map(lambda v: f"{v:g}"), train_bpd=t["train_bpd"].map(_f), val_bpd=t["val_bpd"].map(_f),
@@ -265,8 +260,7 @@ def _paper_check(m: Measures) -> list[str]:
         inside = r.pred_lo <= seen <= r.pred_hi if math.isfinite(r.pred_lo) else None
         said.append(f"- `{r.recipe}`: unstable at {fails.loc[r.recipe, 'sum']} of {fails.loc[r.recipe, 'size']} "
                     f"learning rates against "
-                    f"{base['sum']} of {base['size']} for `{transfer.BASELINE}`, an unstable-share "
-                    "difference "
+                    f"{base['sum']} of {base['size']} for `{transfer.BASELINE}`, an unstable-share difference "
                     f"of {seen:+.2f}; predicted {_f(r.predicted, 2, True)} {_ci(r.pred_lo, r.pred_hi, 2, True)} on the "
                     f"ladder's grid: {'inside' if inside else 'outside' if inside is not None else 'no prediction'} "
                     "(3 learning rates, not the ladder's 6: a consistency check, not the refuting "
@@ -295,8 +289,7 @@ def findings(m: Measures) -> list[str]:
 def cannot_say(m: Measures) -> list[str]:
     return [f"- Anything measured at the paper's size: the prediction extrapolates {_decades(m):.2f} decades past the "
             "largest rung and assumes a straight line in log(weights); the ladder grows the maps at 2 blocks, the "
-            "paper "
-            "has 8.",
+            "paper has 8.",
             "- Long-run behaviour: every run is a few epochs on the CIFAR-10 slices, so a recipe whose instability "
             "appears late, or whose best learning rate moves with the run's length, is not seen.",
             f"- Slopes inside their intervals: at "
