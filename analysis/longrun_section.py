@@ -13,21 +13,14 @@ import math
 import pandas as pd
 
 from analysis import longrun
-from analysis.markdown import fmt_p, md_table
+from analysis.markdown import fmt_ci, fmt_num, fmt_p, md_table
 from analysis.reference import PAPER_BPD, SEED_BPD, SEED_SPREAD
 from experiments.ablation import EQUIVALENCE_MARGIN, label
 
 Beside = tuple  # (study.store.Store, experiment) of a committed short study
 
 
-def _f(x, digits: int = 3) -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
-def _ci(lo: float, hi: float, sign: bool = False) -> str:
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "–"
-    return f"[{lo:+.3f}, {hi:+.3f}]" if sign else f"[{lo:.3f}, {hi:.3f}]"
+_f, _ci = fmt_num, fmt_ci
 
 
 def _summary(s: dict) -> str:

@@ -20,7 +20,7 @@ import pandas as pd
 from analysis import figures, longrun_section, transfer_section
 from analysis.collect import collect_lr_search, collect_runs
 from analysis.comparisons import family_comparisons, sentence
-from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_p, md_table
+from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_ci, fmt_num, fmt_p, md_table
 from analysis.reference import PAPER_BPD, REFERENCES, TOST_MARGIN
 from analysis.stats import failures, tost, variant_table
 from experiments.ablation import EQUIVALENCE_MARGIN, label
@@ -34,15 +34,7 @@ MARGIN_REASON = ("below every gap between successive published CIFAR-10 flows (R
 METHOD = "mean ± sd over seeds [95% Student-t interval], n = runs averaged"
 
 
-def _fmt(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x:.{digits}f}"
-
-
-def _ci(lo, hi, digits: int = 3, sign: bool = False) -> str:
-    f = (lambda v: f"{v:+.{digits}f}") if sign else (lambda v: _fmt(v, digits))
-    return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{f(lo)}, {f(hi)}]"
+_fmt, _ci = fmt_num, fmt_ci
 
 
 
@@ -117,9 +109,7 @@ def collect_study(store, experiment: str, window: int, data: dict[str, str] | No
 
 
 def _figures(st: Study, fig_dir: Path, store) -> None:
-    if fig_dir.exists():
-        shutil.rmtree(fig_dir)
-    fig_dir.mkdir(parents=True)
+    _fresh(fig_dir)
     runs, history = st.runs, st.history
     figures.learning_curves(history, fig_dir / "learning_curves.png")
     events = runs.dropna(subset=["first_nonfinite_epoch"]).rename(columns={"first_nonfinite_epoch": "epoch"})
@@ -140,6 +130,13 @@ def _figures(st: Study, fig_dir: Path, store) -> None:
         figures.lr_search(st.lr_trials, fig_dir / "lr_search.png")
     if st.long:
         figures.long_run(history, fig_dir / "long_run.png", st.window)
+
+
+def _fresh(fig_dir: Path) -> None:
+    """An empty figures/ folder: a figure a re-run no longer draws must not stay behind."""
+    if fig_dir.exists():
+        shutil.rmtree(fig_dir)
+    fig_dir.mkdir(parents=True)
 
 
 def _interaction_pairs(fit) -> list[tuple[str, str]]:
@@ -570,9 +567,7 @@ def _ladder(st: Study, store, fig_dir: Path, data: dict[str, str] | None, comman
     say("ladder measures: the losses at initialisation rebuilt from the runs' configs")
     m = transfer_section.measure(st.runs, data, db.parent / transfer_section.PAPER_CHECK if db else None)
     say("figures")
-    if fig_dir.exists():
-        shutil.rmtree(fig_dir)
-    fig_dir.mkdir(parents=True)
+    _fresh(fig_dir)
     transfer_section.draw(m, fig_dir)
     epochs = sorted({int(e) for e in st.runs.get("train.epochs", st.runs["epochs"])})
     out = st.all_runs[st.all_runs["excluded"] != ""]

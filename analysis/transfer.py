@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.stats import CONF, t_interval, with_result
-
-BASELINE = "seed-report-fp32"  # experiments.ladder.BASELINE: every recipe is read against it
+from experiments.ablation import EQUIVALENCE_MARGIN
+from experiments.ladder import BASELINE  # every recipe is read against it
+from study.metrics import UNIFORM_BPD
 
 
 def lr_curves(runs: pd.DataFrame) -> pd.DataFrame:
@@ -47,9 +48,7 @@ def lr_curves(runs: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
     out["failed"] = out["result"] != "trained"
     out["val_bpd"] = np.where(out["failed"], math.nan, runs["val_bpd"].astype(float).to_numpy())
-    out["unstable"] = False
-    for _, g in out.groupby(["rung", "recipe"], sort=False):
-        out.loc[g.index, "unstable"] = unstable(g)
+    out["unstable"] = mark_unstable(out, ["rung", "recipe"])
     return out.sort_values(["rung", "recipe", "lr", "seed"], key=_rung_order).reset_index(drop=True)
 
 
@@ -66,6 +65,14 @@ def unstable(grid: pd.DataFrame) -> np.ndarray:
     trained = grid[~grid["failed"]]
     best = trained.groupby("lr")["val_bpd"].mean().idxmin() if len(trained) else -math.inf
     return (grid["result"].isin(INSTABILITIES) | (grid["failed"] & (grid["lr"] >= best))).to_numpy()
+
+
+def mark_unstable(frame: pd.DataFrame, by: list[str]) -> pd.Series:
+    """:func:`unstable` of each ``by`` group of ``frame`` (one recipe's grid each), aligned on its index."""
+    flags = pd.Series(False, index=frame.index)
+    for _, grid in frame.groupby(by, sort=False):
+        flags[grid.index] = unstable(grid)
+    return flags
 
 
 def _rung_order(column: pd.Series) -> pd.Series:
@@ -217,9 +224,9 @@ def trends(diffs: pd.DataFrame, weights: dict[str, int], paper_weights: int) -> 
 
 
 # per decade of weights, the slope inside which a recipe's difference from the baseline counts as not
-# moving with size: the reports' equivalence margin (0.05 bits/dim, analysis.report) for the two measures
-# in bits/dim, and a tenth of the grid for the unstable share (under one of the 6 learning rates)
-SLOPE_MARGINS = {"d_best": 0.05, "d_sensitivity": 0.05, "d_unstable": 0.1}
+# moving with size: the reports' equivalence margin (0.05 bits/dim) for the two measures in bits/dim,
+# and a tenth of the grid for the unstable share (under one of the 6 learning rates)
+SLOPE_MARGINS = {"d_best": EQUIVALENCE_MARGIN, "d_sensitivity": EQUIVALENCE_MARGIN, "d_unstable": 0.1}
 
 
 def slope_verdicts(fits: pd.DataFrame, margins: dict[str, float] = SLOPE_MARGINS, alpha: float = 0.05) -> pd.DataFrame:
@@ -316,7 +323,6 @@ def read_paper_check(path) -> pd.DataFrame | None:
     return table.sort_values(["recipe", "lr"]).reset_index(drop=True)
 
 
-UNIFORM_BPD = 8.0  # the uniform density over 256 levels: the cap where a model at initialisation scores worse
 
 
 def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
@@ -328,7 +334,7 @@ def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
 
     runs: collect_runs' runs of a ladder (variant, seed and every ``section.key`` param). splits: the
     ImageSplits the runs trained on (study.data.load_splits). Returns columns rung, recipe, seed,
-    init_bpd (capped), raw_bpd (as evaluated), capped, weights (the model's parameter count). Flows at
+    init_bpd (capped), raw_bpd (as evaluated), capped. Flows at
     initialisation often score above 8 bits/dim (the zero-initialised identity flow leaves the logit-space
     density of the data), so the cap is the usual case: the bar is then the one study.run.outcome's *trains
     badly* uses."""
@@ -336,7 +342,6 @@ def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
 
     from experiments.ladder import parse
     from study.config import unflatten
-    from study.flows.realnvp import num_parameters
     from study.run.state import new_state
     from study.run.step import evaluate
 
@@ -354,8 +359,8 @@ def init_losses(runs: pd.DataFrame, splits) -> pd.DataFrame:
         bpd = evaluate(st.model, splits.val, cfg.train.eval_batch_size)
         capped = not (math.isfinite(bpd) and bpd <= UNIFORM_BPD)
         rows.append({"rung": rung, "recipe": recipe, "seed": cell[2], "init_bpd": UNIFORM_BPD if capped else bpd,
-                     "raw_bpd": bpd, "capped": capped, "weights": num_parameters(st.model)})  # fmt: skip
-    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "init_bpd", "raw_bpd", "capped", "weights"])
+                     "raw_bpd": bpd, "capped": capped})  # fmt: skip
+    return pd.DataFrame(rows, columns=["rung", "recipe", "seed", "init_bpd", "raw_bpd", "capped"])
 
 
 def config_keys(runs: pd.DataFrame) -> list[str]:

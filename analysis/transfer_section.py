@@ -13,12 +13,13 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import figures, transfer
-from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_p, md_table
+from analysis.markdown import FINDINGS_END, FINDINGS_START, fmt_ci, fmt_num, fmt_p, md_table
 from analysis.stats import with_result
 from experiments.ladder import RUNGS
+from experiments.presets import preset_config
 from study.run.outcome import LABELS
 
-PAPER_MAPS, PAPER_BLOCKS = 64, 8  # the paper's CIFAR-10 model (experiments.presets "paper")
+PAPER_MODEL = preset_config("paper").model  # the paper's CIFAR-10 model: its maps and blocks
 PAPER_CHECK = "paper-stability.csv"  # the GPU check's table, beside the study's mlflow.db
 MEASURES = {"d_best": "best bits/dim on the grid", "d_sensitivity": "LR sensitivity",
             "d_unstable": "share of the grid unstable"}  # fmt: skip
@@ -64,7 +65,7 @@ def measure(runs: pd.DataFrame, data: dict[str, str] | None, check_path: Path | 
     present = set(curves["rung"])
     weights = {name: transfer.weights_at(ended, transfer.BASELINE, maps, blocks) for name, maps, blocks in RUNGS
                if name in present}  # fmt: skip
-    paper_weights = transfer.weights_at(ended, transfer.BASELINE, PAPER_MAPS, PAPER_BLOCKS)
+    paper_weights = transfer.weights_at(ended, transfer.BASELINE, PAPER_MODEL.mid_channels, PAPER_MODEL.num_blocks)
     sens = transfer.lr_sensitivity(curves, init)
     diffs = transfer.differences(curves, sens)
     fits = transfer.slope_verdicts(transfer.trends(diffs, weights, paper_weights))
@@ -79,14 +80,7 @@ def draw(m: Measures, fig_dir: Path) -> None:
     figures.ladder_sensitivity(m.sensitivity, m.sensitivity_over, m.weights, fig_dir / "ladder_sensitivity.png")
 
 
-def _f(x, digits: int = 3, sign: bool = False) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
-
-
-def _ci(lo, hi, digits: int = 3, sign: bool = False) -> str:
-    return "–" if not (math.isfinite(lo) and math.isfinite(hi)) else f"[{_f(lo, digits, sign)}, {_f(hi, digits, sign)}]"
+_f, _ci = fmt_num, fmt_ci
 
 
 def _w(n: float) -> str:
@@ -104,9 +98,8 @@ def sections(m: Measures, epochs: list[int]) -> list[str]:
              f"Each recipe trained at every learning rate of a log grid ({', '.join(f'{x:g}' for x in grid)}) at each "
              f"rung of a ladder of sizes: "
              f"{', '.join(f'{r} ({_w(m.weights[r])} weights)' for r in rungs)} maps x blocks, "
-             f"against the paper's "
-             f"{PAPER_MAPS}x{PAPER_BLOCKS} ({_w(m.paper_weights)}), {_decades(m):.2f} decades past the "
-             f"top rung. "
+             f"against the paper's {PAPER_MODEL.mid_channels}x{PAPER_MODEL.num_blocks} ({_w(m.paper_weights)}), "
+             f"{_decades(m):.2f} decades past the top rung. "
              f"{', '.join(map(str, epochs))} epochs a run, seeds {', '.join(map(str, sorted(set(m.curves['seed']))))} "
              "paired across every cell, every recipe in fp32 (precision held fixed). After Wortsman et al. 2023 "
              "(arXiv 2309.14322): an instability of a large model shows at small sizes when the learning rate is high, "
@@ -247,10 +240,8 @@ def _paper_check(m: Measures) -> list[str]:
                      max_grad_norm=t["max_grad_norm"].map(lambda v: _f(v, 0)))  # fmt: skip
     cols = [c for c in transfer.PAPER_CHECK_COLUMNS if c not in ("device", "date", "commit")]
     flagged = t.assign(failed=t["result"] != "trained")
-    flagged["unstable"] = False
-    for _, g in flagged.groupby("recipe"):
-        flagged.loc[g.index, "unstable"] = transfer.unstable(g)
-    fails = flagged.groupby("recipe")["unstable"].agg(["sum", "size"])
+    fails = flagged.assign(unstable=transfer.mark_unstable(flagged, ["recipe"])).groupby("recipe")["unstable"]
+    fails = fails.agg(["sum", "size"])
     base = fails.loc[transfer.BASELINE] if transfer.BASELINE in fails.index else None
     said = []
     for r in m.fits[m.fits["measure"] == "d_unstable"].itertuples():
