@@ -94,6 +94,19 @@ class Prepared:
     params_m: float
 
 
+def bench_model(size: str, arch: str = "ours", image_size: int = 32):
+    """(config, model) that bench times at ``size``: the default recipe, or the usual reproduction's
+    s/t network shape for ``arch="usual-repro"``."""
+    scales, mid, blocks = SIZES[size]
+    cfg = apply_values(Config(), {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks})
+    model = build_model(cfg, image_size=image_size)
+    if arch == "usual-repro":
+        from bench.usual_repro import reference_shaped
+
+        model = reference_shaped(model)
+    return cfg, model
+
+
 def prepare(
     size: str = "demo",
     device: str = "auto",
@@ -114,14 +127,8 @@ def prepare(
         raise ValueError("--batch must be >= 2 (batch norm needs a batch)")
     dev = resolve_device(device)
     precision = Precision.create(amp, dev)
-    scales, mid, blocks = SIZES[size]
-    cfg = apply_values(Config(), {"model.num_scales": scales, "model.mid_channels": mid, "model.num_blocks": blocks})
     torch.manual_seed(0)
-    model = build_model(cfg, image_size=image_size)
-    if arch == "usual-repro":
-        from bench.usual_repro import reference_shaped
-
-        model = reference_shaped(model)
+    cfg, model = bench_model(size, arch, image_size)
     model = model.to(dev)
     flops = forward_flops_per_image(model, batch=1)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6

@@ -16,7 +16,7 @@ import torch
 
 from study.config import Config, flatten, unflatten
 from study.model import build_model
-from study.run.step import Precision, compile_fn
+from study.run.step import Precision, compile_training
 
 
 @dataclass
@@ -45,7 +45,7 @@ def new_state(cfg: Config, image_shape: tuple[int, int, int], device: torch.devi
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.compile != "off":  # compiles lazily, at the first step; state dicts are unaffected
-        model.log_prob = compile_fn(model.log_prob, cfg.train.compile)
+        compile_training(model, cfg.train.compile)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     return RunState(model, opt, Precision.create(cfg.stabilizers.amp, device), gen)

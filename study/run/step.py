@@ -39,6 +39,25 @@ def compile_fn(fn, mode: str):
     return torch.compile(fn, mode=None if mode == "default" else mode)
 
 
+def compile_training(model, mode: str) -> None:
+    """Compile ``model.log_prob`` for training only; evaluation stays eager.
+
+    Two measured reasons (2026-12-06, tests/test_fast_paths.py holds both):
+    - dynamo keeps at most ``recompile_limit`` (8) graphs per function per process, and every new model
+      is a new graph (weight norm's parametrisation makes a new class per layer). A study worker trains
+      cell after cell in one process, so from its ninth cell on torch.compile silently ran eager. The
+      cache is emptied here, once per run; inductor's on-disk cache keeps the kernels, so a warm
+      recompile costs seconds, not the cold minute.
+    - evaluation in eval mode is another graph, recompiled again for a smaller last batch: 4-20 s a
+      cell for a pass that is 2-4% of it eager.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    eager, compiled = model.log_prob, compile_fn(model.log_prob, mode)
+    model.log_prob = lambda x: compiled(x) if model.training else eager(x)
+
+
 def autocast(amp: str, device: torch.device):
     if amp == "off":
         return contextlib.nullcontext()
