@@ -16,7 +16,9 @@ milliseconds for the calls timed), which splits the wall time into:
 
 The wrappers time what runs under them, so nothing is counted twice: a checkpoint written inside
 logging, say, would count in both; none is. ``--profile`` adds a torch.profiler table of the step's
-operators (self CPU time) over a few steps, run after the cell in the same process.
+operators (self CPU time) over a few steps, run after the cell in the same process; ``--cprofile N``
+runs the cell under cProfile and prints the N Python functions of most own time, with the share of the
+run spent inside built-in (C/C++) calls.
 """
 
 from __future__ import annotations
@@ -111,10 +113,20 @@ def samples(model, log, epoch):  # its artifact upload is logging's, not the gri
 loop.log_samples = samples
 
 from study_cli.commands import cli
+import os
+profiler = None
+if os.environ.get("BENCH_CELL_CPROFILE"):  # --cprofile: the run under cProfile, its stats to that file
+    import cProfile
+    profiler = cProfile.Profile()
+    profiler.enable()
+code = 0
 try:
     cli(sys.argv[3:])
 except SystemExit as e:
     code = e.code or 0
+if profiler is not None:
+    profiler.disable()
+    profiler.dump_stats(os.environ["BENCH_CELL_CPROFILE"])
 T1 = time.perf_counter()
 json.dump({"spent": spent, "t0": T0, "first_step": state["first_step"], "t1": T1, "code": code},
           open(sys.argv[2], "w"))
@@ -187,6 +199,22 @@ def op_profile(preset: str, batch: int, threads: int, steps: int = 3, rows: int 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
+def python_profile(stats_file: Path, rows: int) -> str:
+    """cProfile's view of the whole run: the ``rows`` functions with the most own time (tottime), and the
+    share of the profiled time spent inside built-in (C/C++) calls (torch's kernels, sqlite, the
+    importer's): the rest is Python code's own time (the harness, MLflow, SQLAlchemy, imports)."""
+    import io
+    import pstats
+
+    out = io.StringIO()
+    st = pstats.Stats(str(stats_file), stream=out)
+    total = st.total_tt
+    builtin = sum(tt for (file, _, _), (_, _, tt, _, _) in st.stats.items() if file == "~")
+    print(f"cProfile: {total:.1f} s profiled, {builtin / total:.0%} of it inside built-in (C/C++) calls", file=out)
+    st.sort_stats("tottime").print_stats(rows)
+    return out.getvalue().rstrip()
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cifar-study", help="the cell's preset (data, batch, schedule)")
@@ -198,6 +226,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="extra config values, as train's --set")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of the cell (a study worker's)")
     ap.add_argument("--profile", action="store_true", help="also print the step's operator profile")
+    ap.add_argument("--cprofile", type=int, default=0, metavar="N",
+                    help="run the cell under cProfile and print its N functions of most own time (the split's "
+                         "clocks then include cProfile's overhead)")  # fmt: skip
     args = ap.parse_args(argv)
     from experiments.presets import PRESETS, model_sizes
 
@@ -210,9 +241,14 @@ def main(argv: list[str] | None = None) -> None:
     model = {"model.num_scales": scales, "model.mid_channels": maps, "model.num_blocks": blocks}
     for o in [f"{k}={v}" for k, v in model.items()] + args.overrides:
         train_args += ["--set", o]
-    parts, wall = run_cell(train_args, args.threads)
-    name = f"{args.preset}, {maps} maps x {blocks} blocks, {args.epochs} epochs, {args.threads} thread(s)"
-    print(table([(name, parts, wall)]))
+    with tempfile.TemporaryDirectory() as keep:
+        stats = Path(keep) / "cell.prof"
+        parts, wall = run_cell(train_args, args.threads, {"BENCH_CELL_CPROFILE": str(stats)} if args.cprofile else None)
+        name = f"{args.preset}, {maps} maps x {blocks} blocks, {args.epochs} epochs, {args.threads} thread(s)"
+        print(table([(name, parts, wall)]))
+        if args.cprofile:
+            print()
+            print(python_profile(stats, args.cprofile))
     if args.profile:
         batch = int(PRESETS.get(args.preset, {}).get("train.batch_size", 64))
         print()

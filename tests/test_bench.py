@@ -159,6 +159,26 @@ def test_a_cell_is_timed_end_to_end_in_its_own_process():
         run_cell(["--preset", "demo", "--set", "model.width=3"])
 
 
+@pytest.mark.slow(20)
+def test_a_cell_under_cprofile_names_where_python_spends_its_time(tmp_path):
+    """--cprofile: the cell's run is profiled in its own process (stats written there, read here) and
+    the table names real functions of the run (the training step's backward) with the share of the
+    time inside built-in calls, a fraction of the profiled total."""
+    import pstats
+    import re
+
+    from bench.cell import python_profile, run_cell
+    from tests.conftest import tiny_overrides
+
+    stats = tmp_path / "cell.prof"
+    run_cell(["--preset", "demo", "--device", "cpu", *tiny_overrides()], env={"BENCH_CELL_CPROFILE": str(stats)})
+    names = {func for (_, _, func) in pstats.Stats(str(stats)).stats}
+    assert "train_step" in names and "<method 'run_backward' of 'torch._C._EngineBase' objects>" in names
+    text = python_profile(stats, 5)
+    share = int(re.search(r"profiled, (\d+)% of it inside built-in", text).group(1))
+    assert 0 < share < 100 and "tottime" in text
+
+
 def test_matmul_peak_is_the_rate_of_a_timed_product():
     """The peak a step is read against: 2 n^3 FLOPs over the best time, so a slower product (patched
     to sleep) gives a proportionally lower peak; cached per (device, precision, threads)."""

@@ -54,6 +54,7 @@ SHORTEN = {  # appended to a command that trains, so that it runs in seconds (cl
     "probe-init": ["--seeds", "1"],
     "bench.cell": ["--size", "demo", "--epochs", "1", "--set", "data.train_limit=64"],
     "bench.optimisations": ["--preset", "demo", "--steps", "1", "--batch", "2", "--compile-size", "none"],
+    "bench.fast_paths": ["--preset", "demo", "--steps", "1", "--batch", "2", "--options", "eager,channels_last"],
 }
 
 
