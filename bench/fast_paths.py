@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bench.timing import SIZES, machine, matmul_peak, prepare, time_calls
+from bench.timing import SIZES, machine, matmul_peak, prepare, quartiles, time_calls
 
 OPTIONS = {  # name -> (channels_last, torch.compile mode)
     "eager": (False, "off"),
@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown or names[0] != "eager":
         bad = ", ".join(unknown) or "the first"
         parser.error(f"--options: {bad} must be one of {', '.join(OPTIONS)}, eager first")
+    if args.steps < 1 or args.threads < 1 or args.batch < 2:
+        parser.error("--steps and --threads must be >= 1, --batch >= 2 (batch norm needs a batch)")
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     prepared = {}
@@ -60,8 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, p in prepared.items():
         ts = times[name]
-        lo, mid, hi = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
-        mid = statistics.median(ts)
+        lo, mid, hi = quartiles(ts)
         ratio = statistics.median(e / t for e, t in zip(times["eager"], ts, strict=True))
         gflops = 3 * p.flops * args.batch / mid / 1e9
         print(f"| {name} | {mid * 1e3:.0f} ({lo * 1e3:.0f}-{hi * 1e3:.0f}) | {args.batch / mid:.1f} | {ratio:.2f} | "

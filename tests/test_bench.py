@@ -179,6 +179,17 @@ def test_a_cell_under_cprofile_names_where_python_spends_its_time(tmp_path):
     assert 0 < share < 100 and "tottime" in text
 
 
+@pytest.mark.parametrize("argv", [["--options", "compile"], ["--options", "eager,fast"], ["--steps", "0"],
+                                  ["--batch", "1"]])  # fmt: skip
+def test_fast_paths_refuses_bad_input_in_one_line(argv, capsys):
+    from bench.fast_paths import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and ": error: --" in last and ("must be one of" in last or "must be >= 1" in last)
+
+
 def test_matmul_peak_is_the_rate_of_a_timed_product():
     """The peak a step is read against: 2 n^3 FLOPs over the best time, so a slower product (patched
     to sleep) gives a proportionally lower peak; cached per (device, precision, threads)."""
