@@ -172,6 +172,40 @@ def test_a_trial_another_worker_is_setting_up_is_passed_over():
     assert ab.cell_states(study) == {(done.params["variant"], done.params["seed"]): "COMPLETE"}
 
 
+def test_a_worker_whose_trial_another_worker_ended_goes_on_and_the_cell_is_recorded_once(store, tmp_path, monkeypatch):
+    """Optuna's SQLite storage can hand one re-queued trial to two workers asking at once (no row
+    locks); the one that cannot own the run fails the trial. The worker that trained it used to crash
+    on recording it ("Cannot tell a FAIL trial"), leaving the study a worker short: it must go on, and
+    the study must still end with each cell trained once and recorded."""
+    from optuna.trial import TrialState
+
+    from study.run import engine
+
+    plan = _plan(tmp_path, store, only=ONLY[:1])  # 2 cells
+    real, lost = engine.train, []
+
+    def train_then_lose_the_trial(spec, **kw):
+        result = real(spec, **kw)
+        if not lost:  # the other worker handed the same trial fails it while this one trains
+            other = optuna.load_study(study_name=plan.optuna_name, storage=plan.storage)
+            (running,) = other.get_trials(states=(TrialState.RUNNING,))
+            other.tell(running.number, state=TrialState.FAIL)
+            lost.append(running.number)
+        return result
+
+    monkeypatch.setattr(engine, "train", train_then_lose_the_trial)
+    lines = []
+    ab.run(plan, workers=1, echo=lines.append)
+    assert any(f"trial {lost[0]} was ended by another worker" in line for line in lines), lines
+    _, children = _children(store, "abl")
+    cells = collections.Counter((r.data.tags["variant"], int(r.data.tags["seed"])) for r in children)
+    assert cells == collections.Counter({(ONLY[0], 0): 1, (ONLY[0], 1): 1})  # one run per cell
+    assert sum("epoch 1/1" in line for line in lines) == 2  # the lost trial's run was not trained again
+    assert any("already finished" in line for line in lines)  # but recorded on a later trial
+    study = optuna.load_study(study_name=plan.optuna_name, storage=plan.storage)
+    assert set(ab.cell_states(study).values()) == {"COMPLETE"}
+
+
 @pytest.mark.slow(40)
 def test_two_workers_share_one_storage_without_duplicates(store, tmp_path):
     # 12 cells of about 2 s: enough that a worker whose start lags on a loaded host still finds cells

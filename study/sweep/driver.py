@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 MAX_RETRY = 3  # a killed worker's trial is re-queued at most this many times
+START_STAGGER_S = 1.5  # worker N asks for its first trial N x this late (see work: two asks at once can meet)
 STORAGE_FAULT_EXIT = 75  # a worker stopped by a full disk or a store locked past the wait (EX_TEMPFAIL)
 PARENT_ATTR = "mlflow_parent_run_id"  # on a sweep's parent claim study (_claim_parent)
 CLAIM_PREFIX = "parent-run claim: "  # the claim studies' names: trial-less Optuna studies beside the sweeps
@@ -296,7 +297,16 @@ def work(study, make_cell: Callable, splits, worker: int = 0, echo: Callable[[st
     into a cell with ``make_cell(trial)`` (a sweep.cells.Cell; it may raise optuna.TrialPruned to stand
     aside), train the cell's run on ``splits`` and record it on the trial; after each trial call
     ``after_each(study)``, and stop once it says so. A cell whose run a live process still trains
-    fails its trial (left to its owner). Returns the trials this worker finished."""
+    fails its trial (left to its owner). Returns the trials this worker finished.
+
+    Optuna's SQLite storage has no row locks, so two workers asking at the same moment can both be
+    handed the same re-queued (waiting) trial (optuna/optuna#4621; seen on a study's resume). Their
+    run's ownership lock lets one of them train it and the other fails the trial; the one that trained
+    then finds the trial ended and cannot record on it. That worker says so and goes on to the next
+    trial (it used to crash, leaving the study one worker short): its run is finished in MLflow, and
+    the coordinator's next round re-queues the cell, which then records the finished run without
+    training it again. Worker ``worker`` > 0 also asks for its first trial ``worker`` x START_STAGGER_S
+    seconds late, so workers started together rarely meet on one trial."""
     import dataclasses
 
     import optuna
@@ -309,8 +319,16 @@ def work(study, make_cell: Callable, splits, worker: int = 0, echo: Callable[[st
     if threads:
         torch.set_num_threads(threads)
     done = 0
+    ended: list[int] = []  # the trial another worker ended while this one had it (see the docstring)
 
     def objective(trial: optuna.Trial) -> float:
+        try:
+            return train_and_record(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # nothing here tells a trial: another worker did
+            ended[:] = [trial.number]
+            raise
+
+    def train_and_record(trial: optuna.Trial) -> float:
         cell = make_cell(trial)
         spec = cell.spec
         if threads:
@@ -334,8 +352,18 @@ def work(study, make_cell: Callable, splits, worker: int = 0, echo: Callable[[st
         if after_each(study):
             study.stop()
 
-    study.optimize(objective, callbacks=[after], catch=(OwnedError,))
-    return done
+    time.sleep(worker * START_STAGGER_S)
+    while True:
+        try:
+            study.optimize(objective, callbacks=[after], catch=(OwnedError,))
+            return done
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # Optuna then cannot tell the trial either ("Cannot tell a FAIL trial"); anything else is a fault
+            if not ended:
+                raise
+            echo(f"[worker {worker}] trial {ended[0]} was ended by another worker that was handed it too "
+                 "(SQLite storage); its run is finished in MLflow, and a later round records it without training it")
+            ended.clear()
 
 
 def record_trial(trial, result) -> float:
