@@ -13,7 +13,9 @@ In place, on STUDY_DIR/mlflow.db and STUDY_DIR/mlartifacts/:
   model weights with their config and history (no optimizer state), and dropped for every other run;
 - the local checkpoints/ folder is not committed, and no absolute path of the machine that trained stays
   in the store (study.store.portable_paths: checkpoint_dir tags, the Default experiment's root);
-- every experiment is tagged for MLflow's model-training view (a store made before the tag existed).
+- every experiment is tagged for MLflow's model-training view (a store made before the tag existed);
+- the store is compressed to STUDY_DIR/mlflow.db.xz, which is what git holds (study.committed): the
+  mlflow.db beside it stays as its git-ignored working copy, the one every command opens.
 Prints what it kept and the size of what will be committed.
 """
 
@@ -49,7 +51,7 @@ def slim_checkpoint(path: Path) -> None:
 
 def main(study_dir: Path) -> None:
     from analysis.diagnosis import checkpoint_runs
-    from study import schema
+    from study import committed, schema
     from study.store import Store, portable_paths, relocate_artifacts
     from study.tracking import EXPERIMENT_KIND
 
@@ -84,8 +86,13 @@ def main(study_dir: Path) -> None:
             if (arts / schema.REPORT_DIR).exists():
                 shutil.rmtree(arts / schema.REPORT_DIR)
     shutil.rmtree(study_dir / "checkpoints", ignore_errors=True)
-    size = sum(p.stat().st_size for p in study_dir.rglob("*") if p.is_file() and p.suffix != ".log")
-    print(f"kept checkpoints of {len(keep_ckpt)} runs; {size / 2**20:.1f} MiB to commit in {study_dir}")
+    xz = committed.pack(db)
+    print(f"compressed the store: {db.stat().st_size / 2**20:.1f} MiB -> {xz.name} {xz.stat().st_size / 2**20:.1f} MiB")
+    working = {db, db.with_name(db.name + committed.FROM)}
+    size = sum(p.stat().st_size for p in study_dir.rglob("*")
+               if p.is_file() and p.suffix != ".log" and p not in working)  # fmt: skip
+    print(f"kept checkpoints of {len(keep_ckpt)} runs; {size / 2**20:.1f} MiB to commit in {study_dir} "
+          f"(not {db.name}: git ignores it)")
 
 
 if __name__ == "__main__":

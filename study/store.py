@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from study import schema
+from study import committed, schema
 from study.storage import patiently
 from study.tracking import EXPERIMENT_KIND, full_commit, git_commit, resolve_tracking_uri
 
@@ -66,6 +66,7 @@ class Store:
         self.uri = resolve_tracking_uri(uri)
         if self.uri.startswith("file:") or "://" not in self.uri:
             raise ValueError(f"tracking URI {self.uri!r} is a file store, which MLflow deprecates: use sqlite:///PATH.db")
+        committed.unpack_for(self.uri)  # a committed study's store: its working copy, from the .xz in git
         self.patient = patient
         self._client = PatientClient(self.uri) if patient else None
         self._plain = None

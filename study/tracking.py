@@ -13,6 +13,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from study import committed
+
 DEFAULT_DB = "mlflow.db"
 DEFAULT_EXPERIMENT = "realnvp"
 UI_APP = "realnvp-ui"  # the mlflow.app entry point of pyproject.toml: study/ui_app.py
@@ -88,6 +90,7 @@ def check_tracking_uri(uri: str | None, must_exist: bool = False) -> str:
             pass
         raise ConfigError(f"tracking URI {uri!r}: no MLflow server answers within {ANSWER_S:.0f} s; start it or "
                           "check the address")  # fmt: skip
+    committed.unpack_for(uri)  # a committed study's store: its working copy, from the .xz in git
     check_database_url(uri, "tracking URI", must_exist)
     return uri
 

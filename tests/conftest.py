@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from study import committed
 from study.flows import FlowOptions
 
 # One intra-op thread in the test process: the tiny models here gain nothing from two, and when
@@ -122,6 +123,19 @@ def stab(**kw) -> FlowOptions:
 
 
 # --- servers a test starts (the MLflow UI, optuna-dashboard) ----------------------------------------
+
+
+COMMITTED_STUDIES = sorted(p.parent for p in (ROOT / "studies").glob("*/mlflow.db.xz"))  # what git holds
+WORKING_COPY = ("mlflow.db", "mlflow.db" + committed.FROM)  # beside it, git-ignored: unpacked by every command
+
+
+def copy_committed_study(study: Path, dest: Path) -> Path:
+    """A committed study's folder copied to ``dest`` as a fresh clone has it (its MLflow store only as
+    mlflow.db.xz), then its store unpacked there as every command does (study.committed); the store's
+    path."""
+    shutil.copytree(study, dest, ignore=shutil.ignore_patterns(*WORKING_COPY))
+    committed.unpack(dest / "mlflow.db")
+    return dest / "mlflow.db"
 
 
 def free_port() -> int:

@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 
 from study.config import Config, ConfigError, apply_overrides, apply_values, flatten, unflatten
-from tests.conftest import ROOT
+from tests.conftest import ROOT, copy_committed_study
 
 
 def test_flatten_round_trips_every_field():
@@ -62,15 +62,13 @@ def test_execution_only_settings_leave_identities_alone():
 def test_recorded_runs_keep_their_identity(tmp_path):
     """Adding a config field must not orphan recorded runs: every run of the committed study still
     hashes to the run_key it was tagged with, so `ablation` resumes it instead of training it again."""
-    import shutil
-
     import mlflow
 
     from study.config import SECTIONS
     from study.run.spec import run_key
 
-    db = tmp_path / "mlflow.db"  # a copy: opening a store may migrate its schema in place
-    shutil.copy(ROOT / "studies" / "cifar-study" / "mlflow.db", db)
+    # a copy: opening a store may migrate its schema in place
+    db = copy_committed_study(ROOT / "studies" / "cifar-study", tmp_path / "cifar-study")
     client = mlflow.MlflowClient(f"sqlite:///{db}")
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
             if "run_key" in r.data.tags]  # fmt: skip

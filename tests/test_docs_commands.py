@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, WORKING_COPY
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -115,7 +116,8 @@ def scratch(tmp_path_factory):
     top = tmp_path_factory.mktemp("docs")
     here = top / "repo"
     here.mkdir()
-    (here / "studies").symlink_to(ROOT / "studies")
+    # a copy of the committed studies as git holds them: a command unpacks its store there, not in the checkout
+    shutil.copytree(ROOT / "studies", here / "studies", ignore=shutil.ignore_patterns("checkpoints", *WORKING_COPY))
     if (ROOT.parent / "shared").exists():
         (top / "shared").symlink_to(ROOT.parent / "shared")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{here / 'mlflow.db'}",

@@ -3,6 +3,7 @@ the report needs stay (small), and the report regenerates identically from a cop
 
 from __future__ import annotations
 
+import lzma
 import shutil
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ from experiments.studies import plan_study
 from study.config import apply_values
 from study.store import Store
 from study.sweep import ablation as ab
-from tests.conftest import ROOT, TINY_RUN
+from tests.conftest import COMMITTED_STUDIES, ROOT, TINY_RUN, WORKING_COPY, copy_committed_study
 
 
 def absolute_paths(db: Path) -> list[tuple[str, str, str]]:
@@ -33,10 +34,38 @@ def absolute_paths(db: Path) -> list[tuple[str, str, str]]:
     return found
 
 
-def test_committed_stores_hold_no_path_of_the_machine_that_made_them():
-    dbs = sorted((ROOT / "studies").glob("*/*.db"))
-    assert len(dbs) >= 4
+def test_committed_stores_hold_no_path_of_the_machine_that_made_them(tmp_path):
+    assert len(COMMITTED_STUDIES) >= 4
+    dbs = [copy_committed_study(s, tmp_path / s.name) for s in COMMITTED_STUDIES]  # each MLflow store, unpacked
+    dbs += sorted((ROOT / "studies").glob("*/optuna.db"))
     assert {db: absolute_paths(db)[:3] for db in dbs if absolute_paths(db)} == {}
+
+
+def test_a_committed_store_is_its_xz_unpacked_once_and_again_when_the_xz_changes(tmp_path):
+    """study.committed: the .xz is deterministic, unpacks to the very bytes packed, leaves the working
+    copy alone while the .xz is unchanged, and replaces it when the .xz changes (a pull)."""
+    from study import committed
+
+    db = tmp_path / "mlflow.db"
+    shutil.copy(copy_committed_study(COMMITTED_STUDIES[0], tmp_path / "c"), db)  # a real store
+    original = db.read_bytes()
+    xz = committed.pack(db)
+    first = xz.read_bytes()
+    assert committed.pack(db).read_bytes() == first  # the same store, the same bytes
+    assert not committed.unpack(db)  # packing made db its working copy
+    db.unlink()
+    assert committed.unpack(db) and db.read_bytes() == original  # a fresh clone: unpacked on first use
+    with sqlite3.connect(db) as con:  # a working copy changed here (the UI may migrate it) stays
+        con.execute("CREATE TABLE scratch (x)")
+    changed = db.read_bytes()
+    assert not committed.unpack(db) and db.read_bytes() == changed
+    xz.write_bytes(lzma.compress(b"another store"))  # a pull brings another .xz: it wins
+    assert committed.unpack(db) and db.read_bytes() == b"another store"
+    assert committed.unpack_for(f"sqlite:///{db}") is False  # and once only
+    assert committed.unpack_for(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}") is False  # no .xz: nothing made
+    assert not (tmp_path / "none").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["mlflow.db", "mlflow.db.from-xz",
+                                                                        "mlflow.db.xz"]  # no temporary left
 
 
 def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
@@ -63,10 +92,13 @@ def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
         dirs = [v for (v,) in db.execute("SELECT value FROM tags WHERE key = 'checkpoint_dir'")]
     assert dirs and all(d.startswith("checkpoints/tiny/") for d in dirs)
 
+    assert "compressed the store" in out.stdout and (study / "mlflow.db.xz").is_file()  # what git holds
+
     moved = tmp_path / "elsewhere" / "tiny"  # a clone in another place: nothing absolute survives
-    shutil.copytree(study, moved)
+    shutil.copytree(study, moved, ignore=shutil.ignore_patterns(*WORKING_COPY))  # and only the .xz travels
     shutil.rmtree(study)
     uri = f"sqlite:///{moved / 'mlflow.db'}"
+    Store(uri)  # the first touch of any command unpacks it
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
                               filter_string="tags.variant != ''")  # fmt: skip

@@ -1,7 +1,6 @@
 """The MLflow UI in a real browser: headless Chromium shows the experiment and a run's metric."""
 
 import contextlib
-import shutil
 import sys
 from pathlib import Path
 
@@ -9,7 +8,19 @@ import pytest
 
 from experiments.studies import plan_study
 from study.run.engine import train
-from tests.conftest import BROWSER, CHROMIUM, MLFLOW_SERVER, PLAYWRIGHT, ROOT, free_port, http_get, needs, serving
+from tests.conftest import (
+    BROWSER,
+    CHROMIUM,
+    COMMITTED_STUDIES,
+    MLFLOW_SERVER,
+    PLAYWRIGHT,
+    ROOT,
+    copy_committed_study,
+    free_port,
+    http_get,
+    needs,
+    serving,
+)
 from tests.test_training import spec
 
 ARTIFACTS = ROOT / "tests" / "artifacts"  # screenshots land here (ignored by git)
@@ -67,7 +78,7 @@ def test_ui_shows_the_experiment_and_a_metric(store, tmp_path):
     assert (ARTIFACTS / "mlflow-ui-run-metrics.png").stat().st_size > 10_000
 
 
-COMMITTED = sorted(p.parent for p in (ROOT / "studies").glob("*/mlflow.db"))
+COMMITTED = COMMITTED_STUDIES
 
 
 @pytest.mark.slow(30)
@@ -84,8 +95,7 @@ def test_ui_of_a_committed_study_copied_anywhere_shows_its_runs_charts_and_sampl
     from study.store import Store
 
     study = tmp_path / "elsewhere" / committed.name
-    shutil.copytree(committed, study)
-    store = f"sqlite:///{study / 'mlflow.db'}"
+    store = f"sqlite:///{copy_committed_study(committed, study)}"
     client = mlflow.MlflowClient(store)
     (exp,) = [e for e in client.search_experiments() if e.name != "Default"]
     # the sample grids the packed study keeps, found on disk the way the report finds them
