@@ -71,7 +71,12 @@ def unpack(db: Path) -> bool:
             for block in iter(lambda: src.read(CHUNK), b""):
                 out.write(block)
 
-    _write_atomically(db, decompress)
+    try:
+        _write_atomically(db, decompress)
+    except (lzma.LZMAError, EOFError) as e:  # the working copy, if any, is left as it was
+        from study.config import ConfigError
+
+        raise ConfigError(f"{xz}: not a whole xz file ({e}); restore it: git checkout -- {xz}") from None
     _write_atomically(stamp, lambda out: out.write(f"{digest}\n".encode()))
     return True
 

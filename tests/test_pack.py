@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import mlflow
+import pytest
 from PIL import Image
 
 from experiments.presets import preset_config
 from experiments.studies import plan_study
-from study.config import apply_values
+from study.config import ConfigError, apply_values
 from study.store import Store
 from study.sweep import ablation as ab
 from tests.conftest import COMMITTED_STUDIES, ROOT, TINY_RUN, WORKING_COPY, copy_committed_study
@@ -62,6 +63,10 @@ def test_a_committed_store_is_its_xz_unpacked_once_and_again_when_the_xz_changes
     xz.write_bytes(lzma.compress(b"another store"))  # a pull brings another .xz: it wins
     assert committed.unpack(db) and db.read_bytes() == b"another store"
     assert committed.unpack_for(f"sqlite:///{db}") is False  # and once only
+    xz.write_bytes(first[: len(first) // 2])  # a broken .xz: one line naming it and the fix, the copy kept
+    with pytest.raises(ConfigError, match=r"mlflow.db.xz: not a whole xz file .*git checkout --"):
+        committed.unpack(db)
+    assert db.read_bytes() == b"another store"
     assert committed.unpack_for(f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}") is False  # no .xz: nothing made
     assert not (tmp_path / "none").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["mlflow.db", "mlflow.db.from-xz",
