@@ -303,10 +303,11 @@ def work(study, make_cell: Callable, splits, worker: int = 0, echo: Callable[[st
     handed the same re-queued (waiting) trial (optuna/optuna#4621; seen on a study's resume). Their
     run's ownership lock lets one of them train it and the other fails the trial; the one that trained
     then finds the trial ended and cannot record on it. That worker says so and goes on to the next
-    trial (it used to crash, leaving the study one worker short): its run is finished in MLflow, and
-    the coordinator's next round re-queues the cell, which then records the finished run without
-    training it again. Worker ``worker`` > 0 also asks for its first trial ``worker`` x START_STAGGER_S
-    seconds late, so workers started together rarely meet on one trial."""
+    trial (it used to crash, leaving the study one worker short): its run is finished in MLflow and the
+    trial stays failed; an ablation's next round re-queues the cell, which then records that run without
+    training it again (a learning-rate search just samples one trial more). Worker ``worker`` > 0 also
+    asks for its first trial ``worker`` x START_STAGGER_S seconds late, so workers started together
+    rarely meet on one trial."""
     import dataclasses
 
     import optuna
@@ -362,7 +363,7 @@ def work(study, make_cell: Callable, splits, worker: int = 0, echo: Callable[[st
             if not ended:
                 raise
             echo(f"[worker {worker}] trial {ended[0]} was ended by another worker that was handed it too "
-                 "(SQLite storage); its run is finished in MLflow, and a later round records it without training it")
+                 "(SQLite storage); its run is finished in MLflow and the trial stays failed")
             ended.clear()
 
 
