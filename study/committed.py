@@ -99,8 +99,9 @@ def pack(db: Path) -> Path:
 
 
 def sqlite_path(uri: str) -> Path | None:
-    """The file of a ``sqlite:///PATH`` URI (relative to the working directory), else None."""
-    if not uri.startswith("sqlite:") or ":///" not in uri:
+    """The file of a ``sqlite:///PATH`` URI (``sqlite+DRIVER:///`` too, a ``?query`` dropped; relative to
+    the working directory), else None."""
+    if ":///" not in uri or uri.split(":", 1)[0].split("+", 1)[0] != "sqlite":
         return None
     path = uri.split(":///", 1)[1].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None

@@ -253,7 +253,9 @@ class Store:
     # --- artifacts ----------------------------------------------------------------------------------
 
     def sqlite_file(self) -> Path | None:
-        return Path(self.uri[len("sqlite:///") :]) if self.uri.startswith("sqlite:///") else None
+        """The database file of a SQLite store (``sqlite:///PATH``, with or without a driver or a query),
+        else None."""
+        return committed.sqlite_path(self.uri)
 
     def artifact_store(self) -> Path | None:
         """The artifact folder beside a SQLite store (mlartifacts/), where its proxied artifacts live;

@@ -102,3 +102,14 @@ def test_find_run_and_statuses(store):
     assert s.get_run(second).info.status == "KILLED"
     s.set_status(second, "RUNNING")
     assert s.get_run(second).info.status == "RUNNING"
+
+
+def test_a_sqlite_store_names_its_file_whatever_the_uri_adds(tmp_path):
+    """One reading of a ``sqlite:///`` URI (study/committed.py) for the store's fast reads, its
+    artifact folder and the committed .xz beside it: a driver or a query does not hide the file."""
+    db = tmp_path / "m.db"
+    for uri in (f"sqlite:///{db}", f"sqlite+pysqlite:///{db}", f"sqlite:///{db}?timeout=30"):
+        store = Store(uri)
+        assert store.sqlite_file() == db, uri
+        assert store.artifact_store() == (tmp_path / "mlartifacts").resolve(), uri
+    assert Store("sqlite:///:memory:").sqlite_file() is None
