@@ -107,7 +107,8 @@ def sections(m: Measures, epochs: list[int]) -> list[str]:
              "## Learning rate against bits/dim", "",
              "Final validation bits/dim (eval mode, fp32) of each seed's run, `seed 0 · seed 1`; a run that did not "
              f"train is named by its result: {', '.join(f'*{v}* {LABELS[k]}' for k, v in SHORT.items() if k)} "
-             "(study.run.outcome). "
+             "(study.run.outcome), judged on the final validation bits/dim plotted here (a run's recorded result "
+             "judges its test bits/dim, which can be below 8 when its validation is not). "
              "Failures are drawn in the figure as x at 8 bits/dim, never dropped.", "",
              md_table(_grid(m.curves)), "", "![learning rate against bits/dim](figures/ladder_curves.png)", "",
              "## Largest stable learning rate", "",

@@ -63,6 +63,18 @@ def test_too_slow_below_the_best_rate_is_a_failure_but_no_instability():
     assert nothing["unstable"].all()  # with no run trained there is no best rate: every failure counts
 
 
+def test_a_run_no_better_than_uniform_on_validation_fails_on_the_curve_whatever_its_test():
+    """The curve plots the final validation bits/dim; a run whose recorded result is *trained* (judged on
+    its test bits/dim) but whose validation is >= 8 bits/dim (the ladder saw 34.3 against test 7.04) is a
+    failure there, and above the best rate an instability."""
+    runs = _runs({("16x2", "no-gradclip-fp32", 0): [6.0, 5.4, 5.0, 5.1, 14.1, 8.3]})
+    c = transfer.lr_curves(runs)
+    assert list(c["result"])[-2:] == ["trains-badly"] * 2 and list(c["failed"]) == [False] * 4 + [True] * 2
+    assert c.loc[c["failed"], "val_bpd"].isna().all() and list(c["unstable"]) == [False] * 4 + [True] * 2
+    s = transfer.largest_stable_lr(c).iloc[0]
+    assert s["largest_stable_lr"] == 3e-3 and s["first_unstable_lr"] == 1e-2
+
+
 def test_lr_sensitivity_by_hand():
     """L = [5.0, 4.5, 4.2, 4.4, diverged, 7.0], L0 = 6.0: min(L, L0) = [5.0, 4.5, 4.2, 4.4, 6.0, 6.0],
     best 4.2, sensitivity = mean([0.8, 0.3, 0, 0.2, 1.8, 1.8]) = 4.9 / 6."""
