@@ -12,7 +12,8 @@ In place, on STUDY_DIR/mlflow.db and STUDY_DIR/mlartifacts/:
 - checkpoints are kept only for the runs the report loads (analysis.diagnosis.checkpoint_runs), as
   model weights with their config and history (no optimizer state), and dropped for every other run;
 - the local checkpoints/ folder is not committed, and no absolute path of the machine that trained stays
-  in the store (study.store.portable_paths: checkpoint_dir tags, the Default experiment's root);
+  in the store (study.store.portable_paths: checkpoint_dir tags, the Default experiment's root, an absolute
+  data.path, made relative to the repository);
 - every experiment is tagged for MLflow's model-training view (a store made before the tag existed);
 - the store is compressed to STUDY_DIR/mlflow.db.xz, which is what git holds (study.committed): the
   mlflow.db beside it stays as its git-ignored working copy, the one every command opens.
@@ -64,7 +65,7 @@ def main(study_dir: Path) -> None:
         if EXPERIMENT_KIND not in exp.tags:
             store.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     print(f"relocated {relocate_artifacts(db)} artifact locations to mlflow-artifacts:/")
-    print(f"made {portable_paths(db)} absolute paths of this machine relative")
+    print(f"made {portable_paths(db, ROOT)} absolute paths of this machine relative")
     art_root = study_dir / "mlartifacts"
     for exp_dir in sorted(p for p in art_root.iterdir() if p.is_dir()) if art_root.exists() else []:
         for run_dir in sorted(p for p in exp_dir.iterdir() if p.is_dir()):

@@ -394,15 +394,19 @@ def relocate_artifacts(db: Path) -> int:
     return changed
 
 
-def portable_paths(db: Path) -> int:
+def portable_paths(db: Path, root: Path | None = None) -> int:
     """Make a finished SQLite store hold no absolute path of the machine that made it (for committing a
-    study, with :func:`relocate_artifacts`). Two kinds are left once artifacts are relocated:
+    study, with :func:`relocate_artifacts`). Three kinds are left once artifacts are relocated:
 
     - each run's ``checkpoint_dir`` tag, ``/machine/.../ROOT/EXPERIMENT/RUN_ID``, becomes the relative
       ``ROOT/EXPERIMENT/RUN_ID`` (the layout every checkpoint root has). Its folder is not committed, so
       readers fall back to the run's checkpoint artifact, as for any folder that is not on this machine;
     - the Default experiment's artifact root, the ``./mlruns`` that MLflow resolved on that machine when
-      it created the store, becomes ``mlflow-artifacts:/0`` like every other experiment's.
+      it created the store, becomes ``mlflow-artifacts:/0`` like every other experiment's;
+    - a ``data.path`` param given as an absolute path (``--data npz:/work/shared/...``) becomes relative to
+      ``root`` (default: the working directory; the repository root, where every command runs), as a
+      relative ``--data`` would have recorded it (``../shared/...``). The run's ``run_key`` tag keeps the
+      key it was trained under, which only a resume of the same store on that machine reads.
 
     Returns the rows changed. MLflow has no API to change an experiment's artifact root, so like
     relocate_artifacts this edits the store's tables directly, the tags too (one transaction)."""
@@ -416,6 +420,13 @@ def portable_paths(db: Path) -> int:
                 portable = "/".join(Path(value).parts[-3:])
                 con.execute("UPDATE tags SET value = ? WHERE run_uuid = ? AND key = ?",
                             (portable, run_id, schema.CHECKPOINT_DIR))  # fmt: skip
+                changed += 1
+        base = (root or Path.cwd()).resolve()
+        params = con.execute("SELECT run_uuid, value FROM params WHERE key = 'data.path'").fetchall()
+        for run_id, value in params:
+            if value and Path(value).is_absolute():
+                con.execute("UPDATE params SET value = ? WHERE run_uuid = ? AND key = 'data.path'",
+                            (os.path.relpath(value, base), run_id))  # fmt: skip
                 changed += 1
         rows = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
         for exp_id, location in rows:

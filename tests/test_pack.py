@@ -116,3 +116,22 @@ def test_a_packed_study_is_found_from_any_copy(tmp_path, _store_template):
 
     state = checkpoint_of_run(Store(uri), by_variant["paper"])
     assert "optimizer" not in state and model_from_checkpoint(state)[1].stabilizers.bn_bijector
+
+
+def test_an_absolute_data_path_is_committed_relative_to_the_repository(tmp_path):
+    """A study started with ``--data npz:/ABS/PATH`` records that path as a param; packing it writes the
+    path a relative ``--data`` would have recorded, so the committed store names no place of the machine."""
+    from study.store import portable_paths
+
+    store = Store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = store.open_experiment("abs")
+    data = tmp_path / "shared" / "data" / "slices"  # beside the repository, as ../shared is here
+    absolute = store.create_run(exp, "a", {})
+    store.client.log_param(absolute, "data.path", str(data))
+    relative = store.create_run(exp, "r", {})
+    store.client.log_param(relative, "data.path", "../shared/data/slices")
+    repo = tmp_path / "repo"
+    assert portable_paths(tmp_path / "mlflow.db", repo) >= 1
+    for run in (absolute, relative):
+        assert store.client.get_run(run).data.params["data.path"] == "../shared/data/slices"
+    assert not [row for row in absolute_paths(tmp_path / "mlflow.db") if row[0] == "params"]
