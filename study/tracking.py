@@ -45,7 +45,9 @@ def check_database_url(url: str, what: str, must_exist: bool = False) -> None:
     if scheme not in DB_SCHEMES:
         raise ConfigError(f"{what} {url!r}: use sqlite:///PATH.db or postgresql+psycopg2://USER:PASSWORD@HOST/DB")
     if scheme == "sqlite":
-        path = Path(url.split(":///", 1)[1]) if ":///" in url else None
+        path = committed.sqlite_path(url)  # the one reading of a sqlite URI: a driver, a ?query dropped
+        if path is None and ":///:memory:" in url:
+            return  # the in-memory database: no file to check
         if path is None or not path.name:
             raise ConfigError(f"{what} {url!r}: write sqlite:///PATH.db (three slashes, then a file path)")
         if not path.parent.exists():

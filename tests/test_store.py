@@ -113,3 +113,20 @@ def test_a_sqlite_store_names_its_file_whatever_the_uri_adds(tmp_path):
         assert store.sqlite_file() == db, uri
         assert store.artifact_store() == (tmp_path / "mlartifacts").resolve(), uri
     assert Store("sqlite:///:memory:").sqlite_file() is None
+
+
+def test_checking_a_sqlite_url_reads_its_file_as_the_store_does(tmp_path):
+    """study.tracking.check_database_url reads the file by the same rule: a ?query is not part of it, so an
+    existing store with one is found; a missing one is still refused in one line."""
+    from study.config import ConfigError
+    from study.tracking import check_database_url
+
+    db = tmp_path / "m.db"
+    db.touch()
+    check_database_url(f"sqlite:///{db}?timeout=30", "tracking URI", must_exist=True)
+    check_database_url(f"sqlite+pysqlite:///{db}", "tracking URI", must_exist=True)
+    check_database_url("sqlite:///:memory:", "--storage")
+    with pytest.raises(ConfigError, match="no such store"):
+        check_database_url(f"sqlite:///{tmp_path / 'none.db'}?timeout=30", "tracking URI", must_exist=True)
+    with pytest.raises(ConfigError, match="three slashes"):
+        check_database_url("sqlite:///", "tracking URI")
